@@ -1,0 +1,70 @@
+"""Shared fixtures: an in-process daemon on a real Unix socket, and fd accounting."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from vballoon.balloon import Balloon
+from vballoon.loopback import Frontend, GuestRam
+from vballoon.memory import GuestMemory
+from vballoon.transport import Server
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def no_fd_leak():
+    """Fails the test if it leaves fds open (compare /proc/self/fd before and after)."""
+    before = open_fds()
+    yield
+    leaked = {fd: _target(fd) for fd in open_fds() - before}
+    leaked = {fd: t for fd, t in leaked.items() if t is not None}
+    assert not leaked, f"fds leaked: {leaked}"
+
+
+def _target(fd: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None    # the fd listing /proc/self/fd itself
+
+
+@pytest.fixture
+def sock_path(tmp_path):
+    return str(tmp_path / "vb.sock")
+
+
+@pytest.fixture
+async def server(sock_path):
+    srv = Server(sock_path, Balloon())
+    srv.start()
+    yield srv
+    await srv.close()
+
+
+@pytest.fixture
+async def frontend(server, sock_path):
+    fe = await Frontend.connect(sock_path)
+    yield fe
+    await fe.close()
+
+
+@pytest.fixture
+def ram():
+    r = GuestRam([(0, 64 << 20)])
+    yield r
+    r.close()
+
+
+def mapped(ram: GuestRam) -> GuestMemory:
+    """The daemon's view of ``ram``, as SET_MEM_TABLE would build it."""
+    return GuestMemory.map(ram.regions, [os.dup(ram.fd) for _ in ram.regions])
+
+
+def socketpair():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return a, b

@@ -1,0 +1,10 @@
+"""A vhost-user front-end and a guest driver in Python, for tests, the demo and benchmarks.
+
+Real vhost-user over a real Unix socket, guest RAM in a real memfd, real eventfds: the daemon
+cannot tell it from QEMU (it follows the message sequences QEMU 11.1 sends, recorded in
+shared/research/qemu-lab.md), and every test runs without QEMU.
+"""
+from .driver import DriverQueue, GuestRam
+from .frontend import Frontend
+
+__all__ = ["DriverQueue", "Frontend", "GuestRam"]

@@ -1,0 +1,191 @@
+"""A guest balloon driver, modelled on Linux's drivers/virtio/virtio_balloon.c.
+
+It negotiates a chosen subset of the offered features, numbers its queues as Linux does
+(compacted: absent queues take no index), primes the stats queue, answers config changes by
+inflating or deflating in 256-PFN buffers and writing ``actual`` back, answers stats requests,
+takes part in free page hint rounds and reports free pages.  Its page allocator is a plain
+pool of PFNs above the driver's own memory.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..balloon import FEATURE_NAMES
+from ..wire import BALLOON_CONFIG, BALLOON_STAT, C, LE32
+from .driver import DriverQueue, GuestRam
+from .frontend import Frontend
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096
+PFNS_PER_BUFFER = 256          # VIRTIO_BALLOON_ARRAY_PFNS_MAX
+REPORT_CAPACITY = 32           # PAGE_REPORTING_CAPACITY
+TRANSPORT_BITS = (C.VIRTIO_F_VERSION_1, C.VIRTIO_RING_F_EVENT_IDX, C.VIRTIO_RING_F_INDIRECT_DESC)
+
+
+class BalloonGuest:
+    def __init__(self, frontend: Frontend, ram: GuestRam, *,
+                 features: Iterable[str] | None = None, queue_size: int = 64,
+                 driver_bytes: int = 4 << 20) -> None:
+        self.fe, self.ram = frontend, ram
+        wanted = FEATURE_NAMES.keys() if features is None else features
+        self.wanted = sum(1 << FEATURE_NAMES[n] for n in wanted) \
+            | sum(1 << b for b in TRANSPORT_BITS)
+        self.queue_size = queue_size
+        self.acked = 0
+        self.queues: dict[str, DriverQueue] = {}
+        self.actual = 0
+        self.poison_val = 0
+        self.ballooned: list[int] = []            # pfns in the balloon, in inflate order
+        region0 = ram.regions[0]
+        # driver memory: the first ``driver_bytes`` of region 0; pages: everything else
+        ram.driver_limit = region0.guest_phys_addr + driver_bytes
+        self.pool = self._ram_pfns(region0.guest_phys_addr + driver_bytes)
+        self.stats_values = {C.VIRTIO_BALLOON_S_MEMFREE: ram.size // 2,
+                             C.VIRTIO_BALLOON_S_MEMTOT: ram.size}
+        self._stats_buf = 0
+        self.stats_requests = 0
+        self._pfn_buf = ram.alloc(4 * PFNS_PER_BUFFER, 4)    # vb->pfns, reused per buffer
+        self._cmd_bufs = [ram.alloc(4, 4), ram.alloc(4, 4)]  # cmd_id_active, cmd_id_stop
+
+    def _ram_pfns(self, skip_below: int) -> list[int]:
+        pfns: list[int] = []
+        for r in self.ram.regions:
+            lo = max(r.guest_phys_addr, skip_below) // PAGE
+            hi = (r.guest_phys_addr + r.memory_size) // PAGE
+            pfns.extend(range(hi - 1, lo - 1, -1))   # high pfns first, as the buddy hands out
+        return pfns
+
+    def has(self, bit: int) -> bool:
+        return bool(self.acked >> bit & 1)
+
+    # -- probe ---------------------------------------------------------------------------
+
+    async def probe(self, *, poison_val: int = 0) -> None:
+        """virtballoon_probe + DRIVER_OK: ack features, set up queues, prime stats."""
+        self.acked = self.fe.features & self.wanted
+        if not self.acked >> C.VIRTIO_F_VERSION_1 & 1:
+            raise RuntimeError("the device does not offer VERSION_1")
+        roles = ["inflate", "deflate"]
+        for bit, role in ((C.VIRTIO_BALLOON_F_STATS_VQ, "stats"),
+                          (C.VIRTIO_BALLOON_F_FREE_PAGE_HINT, "hint"),
+                          (C.VIRTIO_BALLOON_F_PAGE_REPORTING, "reporting")):
+            if self.has(bit):
+                roles.append(role)
+        ev, ind = self.has(C.VIRTIO_RING_F_EVENT_IDX), self.has(C.VIRTIO_RING_F_INDIRECT_DESC)
+        if not self.queues:
+            self.queues = {role: DriverQueue(self.ram, i, self.queue_size, event_idx=ev,
+                                             indirect=ind) for i, role in enumerate(roles)}
+        if self.has(C.VIRTIO_BALLOON_F_PAGE_POISON):
+            self.poison_val = poison_val
+            await self.write_config()     # the driver writes poison_val before DRIVER_OK
+        await self.fe.start(self.ram, self.acked, list(self.queues.values()))
+        if "stats" in self.queues:
+            self._stats_buf = self._stats_buf or self.ram.alloc(
+                BALLOON_STAT.size * C.VIRTIO_BALLOON_S_NR, 8)
+            self._post_stats()
+
+    async def config(self) -> tuple[int, int, int, int]:
+        return tuple(BALLOON_CONFIG.unpack(await self.fe.get_config(BALLOON_CONFIG.size)))
+
+    async def write_config(self) -> None:
+        """As QEMU does: the whole config, with the driver's fields updated."""
+        num_pages, _, cmd_id, _ = await self.config()
+        await self.fe.set_config(BALLOON_CONFIG.pack(num_pages, self.actual, cmd_id,
+                                                     self.poison_val))
+
+    # -- inflate / deflate ---------------------------------------------------------------
+
+    async def _send_pfns(self, role: str, pfns: Sequence[int]) -> None:
+        q = self.queues[role]
+        for i in range(0, len(pfns), PFNS_PER_BUFFER):
+            part = np.asarray(pfns[i:i + PFNS_PER_BUFFER], dtype="<u4").tobytes()
+            self.ram.at(self._pfn_buf, len(part))[:] = part
+            q.add([(self._pfn_buf, len(part), False)])
+            q.kick()
+            await q.wait_used(1)
+
+    async def inflate(self, npages: int) -> list[int]:
+        pfns = [self.pool.pop(0) for _ in range(min(npages, len(self.pool)))]
+        await self._send_pfns("inflate", pfns)
+        self.ballooned.extend(pfns)
+        self.actual += len(pfns)
+        await self.write_config()
+        return pfns
+
+    async def deflate(self, npages: int) -> list[int]:
+        pfns = [self.ballooned.pop() for _ in range(min(npages, len(self.ballooned)))]
+        await self._send_pfns("deflate", pfns)
+        self.pool[:0] = pfns
+        self.actual -= len(pfns)
+        await self.write_config()
+        return pfns
+
+    async def balance(self) -> int:
+        """update_balloon_size: move towards the device's num_pages; returns the change."""
+        num_pages = (await self.config())[0]
+        diff = num_pages - self.actual
+        if diff > 0:
+            await self.inflate(diff)
+        elif diff < 0:
+            await self.deflate(-diff)
+        return diff
+
+    # -- stats ---------------------------------------------------------------------------
+
+    def _post_stats(self) -> None:
+        data = b"".join(BALLOON_STAT.pack(t, v) for t, v in sorted(self.stats_values.items()))
+        self.ram.at(self._stats_buf, len(data))[:] = data
+        q = self.queues["stats"]
+        q.add([(self._stats_buf, len(data), False)])
+        q.kick()
+
+    async def answer_stats_request(self, timeout: float = 5.0) -> None:
+        """Wait for the device to return the stats buffer, then send fresh stats."""
+        await self.queues["stats"].wait_used(1, timeout)
+        self.stats_requests += 1
+        self._post_stats()
+
+    # -- free page reporting ---------------------------------------------------------------
+
+    async def report(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Report (gpa, len) ranges of free memory, up to 32 per chain, each chain used."""
+        q = self.queues["reporting"]
+        for i in range(0, len(ranges), REPORT_CAPACITY):
+            q.add([(gpa, n, True) for gpa, n in ranges[i:i + REPORT_CAPACITY]])
+            q.kick()
+            await q.wait_used(1)
+
+    # -- free page hinting -----------------------------------------------------------------
+
+    async def hint(self, cmd_id: int, blocks: Sequence[tuple[int, int]]) -> None:
+        """One round as Linux sends it: cmd_id, one in-buffer per block, then STOP."""
+        q = self.queues["hint"]
+        self._cmd(q, 0, cmd_id)
+        for gpa, n in blocks:
+            q.add([(gpa, n, True)])
+        self._cmd(q, 1, C.VIRTIO_BALLOON_CMD_ID_STOP)
+        q.kick()
+        await q.wait_used(len(blocks) + 2)
+
+    def _cmd(self, q: DriverQueue, which: int, value: int) -> None:
+        buf = self._cmd_bufs[which]
+        self.ram.at(buf, 4)[:] = LE32.pack(value)
+        q.add([(buf, 4, False)])
+
+    # -- the driver's main loop ------------------------------------------------------------
+
+    async def run(self) -> None:
+        """React to config changes as the kernel's work items do, until cancelled."""
+        while True:
+            await self.fe.wait_config_change(timeout=None)
+            await self.balance()
+
+    def close(self) -> None:
+        for q in self.queues.values():
+            q.close()
+        self.queues = {}

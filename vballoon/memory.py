@@ -1,0 +1,217 @@
+"""Guest memory: the regions of a vhost-user memory table, mapped, with ONE checked access path.
+
+The guest is untrusted, and so is the front-end's table.  Every read or write of guest memory goes
+through :meth:`GuestMemory.gpa_view` (guest-physical addresses, found in descriptors) or
+:meth:`GuestMemory.uva_view` (front-end virtual addresses, found in SET_VRING_ADDR), which check
+the whole ``[addr, addr+len)`` range against one region and return a :class:`memoryview` of
+exactly that range.  A range that crosses a region boundary is refused even if the regions are
+adjacent: Linux never builds such buffers for the balloon, and refusing keeps one view = one
+mapping.
+
+A :class:`GuestMemory` is an immutable snapshot; SET_MEM_TABLE builds a new one and the session
+re-translates its rings before closing the old one (vhost-user.rst, "Memory access"; rust-vmm's
+GuestMemoryAtomic works the same way).
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import mmap
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from .errors import FrontendError, GuestMemoryError
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = mmap.PAGESIZE
+U64_MAX = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """One entry of a memory table (struct vhost_user_memory_region)."""
+
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    mmap_offset: int
+
+
+@dataclass(eq=False)
+class Region:
+    spec: RegionSpec
+    fd: int
+    mm: mmap.mmap
+    base: int                     # offset of the region's first byte inside ``mm``
+    view: memoryview = field(repr=False)
+
+    @property
+    def gpa(self) -> int:
+        return self.spec.guest_phys_addr
+
+    @property
+    def size(self) -> int:
+        return self.spec.memory_size
+
+    @property
+    def uva(self) -> int:
+        return self.spec.userspace_addr
+
+
+def _map_alignment(fd: int) -> int:
+    # hugetlbfs refuses mmap offsets that are not huge-page aligned; its f_bsize is the huge
+    # page size.  tmpfs/memfd and ordinary files report the base page size or less.
+    try:
+        bsize = os.statvfs(f"/proc/self/fd/{fd}").f_bsize
+    except OSError:
+        bsize = PAGE_SIZE
+    return max(PAGE_SIZE, bsize)
+
+
+def validate_table(specs: Sequence[RegionSpec]) -> None:
+    """Syntax and consistency of a memory table, before anything is mapped."""
+    for i, s in enumerate(specs):
+        if s.memory_size == 0:
+            raise FrontendError("mem-region-empty", f"region {i} has memory_size 0")
+        for name, start in (("guest_phys_addr", s.guest_phys_addr),
+                            ("userspace_addr", s.userspace_addr),
+                            ("mmap_offset", s.mmap_offset)):
+            if start + s.memory_size - 1 > U64_MAX:
+                raise FrontendError("mem-region-overflow",
+                                    f"region {i}: {name} {start:#x} + size {s.memory_size:#x} "
+                                    "overflows 64 bits")
+    for key, what in ((lambda s: s.guest_phys_addr, "guest-physical"),
+                      (lambda s: s.userspace_addr, "front-end virtual")):
+        ordered = sorted(specs, key=key)
+        for a, b in zip(ordered, ordered[1:]):
+            if key(a) + a.memory_size > key(b):
+                raise FrontendError("mem-region-overlap",
+                                    f"regions overlap in {what} addresses at {key(b):#x}")
+
+
+class GuestMemory:
+    """The mapped memory table.  Owns the region fds and mappings until :meth:`close`."""
+
+    def __init__(self, regions: Sequence[Region] = ()) -> None:
+        self.regions = sorted(regions, key=lambda r: r.gpa)
+        self._gpa_starts = [r.gpa for r in self.regions]
+        self._by_uva = sorted(self.regions, key=lambda r: r.uva)
+        self._uva_starts = [r.uva for r in self._by_uva]
+
+    @classmethod
+    def map(cls, specs: Sequence[RegionSpec], fds: Sequence[int]) -> "GuestMemory":
+        """Validate and map a table.  Takes ownership of ``fds`` (closed on failure too)."""
+        regions: list[Region] = []
+        try:
+            if len(specs) != len(fds):
+                raise FrontendError("mem-table-fd-count",
+                                    f"{len(specs)} regions but {len(fds)} fds")
+            validate_table(specs)
+            for i, (s, fd) in enumerate(zip(specs, fds)):
+                regions.append(_map_region(i, s, fd))
+        except BaseException:
+            for r in regions:
+                _unmap(r)
+            for fd in fds[len(regions):]:
+                os.close(fd)
+            raise
+        return cls(regions)
+
+    def close(self) -> None:
+        for r in self.regions:
+            _unmap(r)
+        self.regions = []
+        self._gpa_starts, self._by_uva, self._uva_starts = [], [], []
+
+    # -- the one checked access path ------------------------------------------------------
+
+    def _find(self, starts: list[int], regions: list[Region], addr: int, length: int,
+              base_of: str, kind: str) -> tuple[Region, int]:
+        if length < 0 or addr < 0 or addr + length - 1 > U64_MAX:
+            raise GuestMemoryError("addr-overflow", f"{kind} {addr:#x}+{length:#x} overflows")
+        i = bisect.bisect_right(starts, addr) - 1
+        if i >= 0:
+            r = regions[i]
+            off = addr - getattr(r, base_of)
+            if off + length <= r.size:
+                return r, off
+        raise GuestMemoryError("addr-outside-memory",
+                               f"{kind} range {addr:#x}+{length:#x} is not inside one region")
+
+    def gpa_view(self, gpa: int, length: int) -> memoryview:
+        """A writable view of guest-physical ``[gpa, gpa+length)``, or GuestMemoryError."""
+        r, off = self._find(self._gpa_starts, self.regions, gpa, length, "gpa", "guest-physical")
+        return r.view[r.base + off:r.base + off + length]
+
+    def uva_view(self, uva: int, length: int) -> memoryview:
+        """A writable view of front-end virtual ``[uva, uva+length)``, or GuestMemoryError."""
+        r, off = self._find(self._uva_starts, self._by_uva, uva, length, "uva", "front-end virtual")
+        return r.view[r.base + off:r.base + off + length]
+
+    def check_gpa(self, gpa: int, length: int) -> None:
+        self._find(self._gpa_starts, self.regions, gpa, length, "gpa", "guest-physical")
+
+    def locate(self, gpa: int, length: int) -> tuple[Region, int]:
+        """The region holding ``[gpa, gpa+length)`` and the offset of ``gpa`` in it."""
+        return self._find(self._gpa_starts, self.regions, gpa, length, "gpa", "guest-physical")
+
+    @property
+    def ram_ranges(self) -> list[tuple[int, int]]:
+        """(guest_phys_addr, size) of every region, sorted: the guest's RAM with its holes."""
+        return [(r.gpa, r.size) for r in self.regions]
+
+    # -- host memory reclaim ---------------------------------------------------------------
+
+    def discard(self, ranges: Iterable[tuple[int, int]]) -> int:
+        """Give guest-physical ranges back to the host: one MADV_REMOVE per range.
+
+        On a shared memfd/tmpfs/hugetlbfs mapping MADV_REMOVE punches a hole in the file, as
+        ``fallocate(PUNCH_HOLE|KEEP_SIZE)`` at the fd offset would; the pages read back as zero.
+        Ranges must be page-aligned and inside one region.  Returns the number of calls issued.
+        """
+        calls = 0
+        for gpa, length in ranges:
+            r, off = self.locate(gpa, length)
+            start = r.base + off
+            if start % PAGE_SIZE or length % PAGE_SIZE:
+                raise GuestMemoryError("discard-unaligned",
+                                       f"range {gpa:#x}+{length:#x} is not page-aligned")
+            r.mm.madvise(mmap.MADV_REMOVE, start, length)
+            calls += 1
+        return calls
+
+
+def _map_region(i: int, s: RegionSpec, fd: int) -> Region:
+    """Map one region; on failure the caller still owns (and closes) ``fd``."""
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise FrontendError("mem-region-bad-fd", f"region {i}: fstat failed: {e}") from None
+    if s.mmap_offset + s.memory_size > st.st_size:
+        raise FrontendError("mem-region-past-fd",
+                            f"region {i}: mmap_offset {s.mmap_offset:#x} + size "
+                            f"{s.memory_size:#x} is past the end of its fd ({st.st_size:#x})")
+    align = _map_alignment(fd)
+    start = s.mmap_offset - s.mmap_offset % align
+    base = s.mmap_offset - start
+    try:
+        mm = mmap.mmap(fd, base + s.memory_size, flags=mmap.MAP_SHARED,
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+    except (OSError, ValueError, OverflowError) as e:
+        raise FrontendError("mem-region-mmap", f"region {i}: mmap failed: {e}") from None
+    log.debug("mapped region %d: gpa %#x size %#x uva %#x fd-offset %#x", i,
+              s.guest_phys_addr, s.memory_size, s.userspace_addr, s.mmap_offset)
+    return Region(s, fd, mm, base, memoryview(mm))
+
+
+def _unmap(r: Region) -> None:
+    try:
+        r.view.release()
+        r.mm.close()
+    except BufferError:
+        # A view is still alive somewhere (e.g. in a traceback); the mapping goes when it does.
+        log.debug("region at gpa %#x still has views; unmapped when they are freed", r.gpa)
+    finally:
+        os.close(r.fd)

@@ -1,0 +1,534 @@
+"""The vhost-user session: a pure state machine, back-end side (QEMU docs/interop/vhost-user.rst).
+
+``Session.handle(Message)`` takes one front-end request with its fds and returns the reply bytes
+(or None); everything else it wants done is emitted as an :class:`Action` through the ``emit``
+callback given at construction: watch or unwatch a kick eventfd, send a message on the backend
+channel, close the connection.  The transport (``vballoon.transport``) carries actions out; tests
+can collect them.  The session owns every fd it was given and closes each exactly once.
+
+Error policy, by who must be told:
+* A framing error (version bits, REPLY bit, oversized ``size``) cannot be resynchronised:
+  :meth:`Session.check_header` raises and the connection is closed.
+* A bad request whose stream is still in sync gets a logged error naming the rule, then an error
+  reply where the front-end waits for one (a non-zero u64 under REPLY_ACK, an empty GET_CONFIG
+  payload); requests whose reply has no error form close the connection instead of lying.
+* A guest that breaks the virtio spec on a ring breaks only that ring (logged, err eventfd
+  signalled); the front-end can set the ring up again.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+from .device import Device
+from .errors import FrontendError, GuestError
+from .memory import GuestMemory, RegionSpec
+from .virtqueue import VirtQueue
+from .wire import (C, CONFIG, HEADER, MEM_REGION, MEMORY, U64, VRING_ADDR, VRING_STATE)
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_FEATURES = (1 << C.VHOST_USER_PROTOCOL_F_MQ | 1 << C.VHOST_USER_PROTOCOL_F_REPLY_ACK
+                     | 1 << C.VHOST_USER_PROTOCOL_F_CONFIG
+                     | 1 << C.VHOST_USER_PROTOCOL_F_BACKEND_REQ)
+F_PROTOCOL_FEATURES = 1 << C.VHOST_USER_F_PROTOCOL_FEATURES
+REPLY_FLAGS = C.VHOST_USER_VERSION | C.VHOST_USER_REPLY_MASK    # exactly 0x5
+
+# request code -> name, from the header's VHOST_USER_<REQUEST> defines (front-end requests)
+NAMES = {v: k[len("VHOST_USER_"):] for k, v in vars(C).items()
+         if k.startswith("VHOST_USER_") and 0 < v < 64 and not k.endswith(("_MASK", "_SIZE"))
+         and not k.startswith(("VHOST_USER_PROTOCOL_F_", "VHOST_USER_BACKEND_",
+                               "VHOST_USER_F_", "VHOST_USER_MAX", "VHOST_USER_VERSION"))}
+
+
+class Message(NamedTuple):
+    request: int
+    flags: int
+    payload: bytes
+    fds: list[int]
+
+    @property
+    def name(self) -> str:
+        return NAMES.get(self.request, f"request {self.request}")
+
+
+@dataclass(frozen=True)
+class Action:
+    """Something the session wants the transport to do.
+
+    kind: ``watch`` (index, fd), ``unwatch`` (index), ``backend`` (data), ``close`` (reason).
+    """
+
+    kind: str
+    index: int = -1
+    fd: int = -1
+    data: bytes = b""
+    reason: str = ""
+
+
+@dataclass(eq=False)
+class Ring:
+    vq: VirtQueue
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    enabled: bool = False
+    running: bool = False       # device told queue_started
+    broken: bool = False
+    pending: bool = False       # kicked before it could run
+
+
+def _pack_reply(request: int, payload: bytes) -> bytes:
+    return HEADER.pack(request, REPLY_FLAGS, len(payload)) + payload
+
+
+# Payload size each request must have (None: variable, checked by its handler).
+_SIZES: dict[int, int | None] = {
+    C.VHOST_USER_GET_FEATURES: 0, C.VHOST_USER_SET_FEATURES: 8, C.VHOST_USER_SET_OWNER: 0,
+    C.VHOST_USER_RESET_OWNER: 0, C.VHOST_USER_SET_MEM_TABLE: None,
+    C.VHOST_USER_SET_VRING_NUM: 8, C.VHOST_USER_SET_VRING_ADDR: 40,
+    C.VHOST_USER_SET_VRING_BASE: 8, C.VHOST_USER_GET_VRING_BASE: 8,
+    C.VHOST_USER_SET_VRING_KICK: 8, C.VHOST_USER_SET_VRING_CALL: 8,
+    C.VHOST_USER_SET_VRING_ERR: 8, C.VHOST_USER_GET_PROTOCOL_FEATURES: 0,
+    C.VHOST_USER_SET_PROTOCOL_FEATURES: 8, C.VHOST_USER_GET_QUEUE_NUM: 0,
+    C.VHOST_USER_SET_VRING_ENABLE: 8, C.VHOST_USER_SET_BACKEND_REQ_FD: 0,
+    C.VHOST_USER_GET_CONFIG: None, C.VHOST_USER_SET_CONFIG: None,
+}
+# Requests whose reply is part of the request (sent whatever NEED_REPLY says).
+_EXPLICIT_REPLY = {C.VHOST_USER_GET_FEATURES, C.VHOST_USER_GET_PROTOCOL_FEATURES,
+                   C.VHOST_USER_GET_VRING_BASE, C.VHOST_USER_GET_QUEUE_NUM,
+                   C.VHOST_USER_GET_CONFIG, C.VHOST_USER_GET_MAX_MEM_SLOTS,
+                   C.VHOST_USER_GET_STATUS, C.VHOST_USER_POSTCOPY_ADVISE,
+                   C.VHOST_USER_POSTCOPY_END, C.VHOST_USER_IOTLB_MSG,
+                   C.VHOST_USER_GET_INFLIGHT_FD, C.VHOST_USER_GET_SHARED_OBJECT,
+                   C.VHOST_USER_SET_DEVICE_STATE_FD, C.VHOST_USER_CHECK_DEVICE_STATE,
+                   C.VHOST_USER_GET_SHMEM_CONFIG}
+
+
+class Session:
+    """One front-end connection's worth of vhost-user state, around one :class:`Device`."""
+
+    def __init__(self, device: Device, emit: Callable[[Action], None]) -> None:
+        self.device = device
+        self.emit = emit
+        self.protocol_features = 0       # negotiated
+        self.features = 0                # acked virtio features (incl. bit 30), 0 until set
+        self.features_set = False
+        self.owner = False
+        self.mem: GuestMemory | None = None
+        self.backend_fd: int | None = None
+        self.rings = [Ring(VirtQueue(i)) for i in range(device.max_queues())]
+        self.closed = False
+        device.config_changed = self.announce_config_change
+        device.notify = self.notify
+        self._handlers: dict[int, Callable[[Message], bytes | None]] = {
+            C.VHOST_USER_GET_FEATURES: self._get_features,
+            C.VHOST_USER_SET_FEATURES: self._set_features,
+            C.VHOST_USER_SET_OWNER: self._set_owner,
+            C.VHOST_USER_RESET_OWNER: self._reset_owner,
+            C.VHOST_USER_SET_MEM_TABLE: self._set_mem_table,
+            C.VHOST_USER_SET_VRING_NUM: self._set_vring_num,
+            C.VHOST_USER_SET_VRING_ADDR: self._set_vring_addr,
+            C.VHOST_USER_SET_VRING_BASE: self._set_vring_base,
+            C.VHOST_USER_GET_VRING_BASE: self._get_vring_base,
+            C.VHOST_USER_SET_VRING_KICK: self._set_vring_kick,
+            C.VHOST_USER_SET_VRING_CALL: self._set_vring_call,
+            C.VHOST_USER_SET_VRING_ERR: self._set_vring_err,
+            C.VHOST_USER_GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            C.VHOST_USER_SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            C.VHOST_USER_GET_QUEUE_NUM: self._get_queue_num,
+            C.VHOST_USER_SET_VRING_ENABLE: self._set_vring_enable,
+            C.VHOST_USER_SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            C.VHOST_USER_GET_CONFIG: self._get_config,
+            C.VHOST_USER_SET_CONFIG: self._set_config,
+        }
+
+    # -- entry points ----------------------------------------------------------------------
+
+    @staticmethod
+    def check_header(request: int, flags: int, size: int) -> None:
+        """Framing rules; a violation means the stream cannot be trusted any further."""
+        if flags & C.VHOST_USER_VERSION_MASK != C.VHOST_USER_VERSION:
+            raise FrontendError("header-version", f"flags {flags:#x}: version is not 1")
+        if flags & C.VHOST_USER_REPLY_MASK:
+            raise FrontendError("header-reply-bit", f"flags {flags:#x}: a request with REPLY set")
+        if flags & ~0xF:
+            raise FrontendError("header-reserved-flags", f"flags {flags:#x}: reserved bits set")
+        if size > C.VHOST_USER_MAX_PAYLOAD:
+            raise FrontendError("header-size", f"payload size {size} exceeds "
+                                f"{C.VHOST_USER_MAX_PAYLOAD}")
+
+    def handle(self, msg: Message) -> bytes | None:
+        """Process one request; returns the reply to send, if any.
+
+        A handler takes the fds it keeps out of ``msg.fds``; whatever is left when it returns
+        was not wanted and is closed here, so every fd is closed exactly once.
+        """
+        if self.closed:
+            _close_fds(msg.fds)
+            raise FrontendError("session-closed", "message after the session was closed")
+        log.debug("<- %s flags=%#x size=%d fds=%d", msg.name, msg.flags, len(msg.payload),
+                  len(msg.fds))
+        need_reply = bool(msg.flags & C.VHOST_USER_NEED_REPLY_MASK)
+        try:
+            handler = self._handlers.get(msg.request)
+            if handler is None:
+                raise FrontendError("request-unsupported",
+                                    f"{msg.name} is not implemented by this back-end")
+            want = _SIZES[msg.request]
+            if want is not None and len(msg.payload) != want:
+                raise FrontendError("payload-size", f"{msg.name}: payload of "
+                                    f"{len(msg.payload)} bytes, expected {want}")
+            reply = handler(msg)
+        except FrontendError as e:
+            _close_fds(msg.fds)
+            msg.fds.clear()
+            log.error("front-end error in %s: %s", msg.name, e)
+            if msg.request == C.VHOST_USER_GET_CONFIG:
+                return _pack_reply(msg.request, b"")       # the spec's error form
+            if msg.request in _EXPLICIT_REPLY:
+                self.emit(Action("close", reason=str(e)))
+                return None
+            return _pack_reply(msg.request, U64.pack(1)) if need_reply else None
+        if msg.fds:
+            log.warning("fd-extra: %s carried %d fds it does not take (closed)", msg.name,
+                        len(msg.fds))
+            _close_fds(msg.fds)
+            msg.fds.clear()
+        if reply is None and need_reply:
+            reply = _pack_reply(msg.request, U64.pack(0))
+        return reply
+
+    def kick(self, index: int) -> None:
+        """The kick eventfd of ring ``index`` fired (the transport already drained it)."""
+        ring = self.rings[index]
+        if ring.broken:
+            return
+        if not ring.vq.ready:
+            log.error("kick-before-setup: queue %d kicked before its addresses were set", index)
+            return
+        if not (ring.enabled and self.features_set):
+            ring.pending = True
+            return
+        self._run(ring)
+
+    def notify(self, index: int) -> None:
+        """Interrupt the driver on ring ``index`` if what was pushed calls for it."""
+        ring = self.rings[index]
+        if ring.vq.should_notify() and ring.call_fd is not None:
+            os.eventfd_write(ring.call_fd, 1)
+
+    def announce_config_change(self) -> None:
+        """BACKEND_CONFIG_CHANGE_MSG, without NEED_REPLY (QEMU may be blocked on us), once the
+        driver runs; before that QEMU would drop it and the driver reads config at start."""
+        if self.backend_fd is None or not self.driver_running:
+            log.debug("config change not announced: driver not running or no backend channel")
+            return
+        self.emit(Action("backend", data=HEADER.pack(C.VHOST_USER_BACKEND_CONFIG_CHANGE_MSG,
+                                                     C.VHOST_USER_VERSION, 0)))
+
+    @property
+    def driver_running(self) -> bool:
+        """Our view of DRIVER_OK: QEMU sends no status, so features set and a ring running."""
+        return self.features_set and any(r.running for r in self.rings)
+
+    def close(self) -> None:
+        """The connection is gone: stop every ring, drop the memory, close every fd."""
+        if self.closed:
+            return
+        for ring in self.rings:
+            self._stop_ring(ring)
+            for name in ("call_fd", "err_fd"):
+                fd = getattr(ring, name)
+                if fd is not None:
+                    os.close(fd)
+                    setattr(ring, name, None)
+            ring.vq.reset()
+        if self.backend_fd is not None:
+            os.close(self.backend_fd)
+            self.backend_fd = None
+        self.device.reset()
+        self.device.memory_changed(None)
+        if self.mem is not None:
+            self.mem.close()
+            self.mem = None
+        self.closed = True
+
+    # -- ring machinery ------------------------------------------------------------------
+
+    def _ring(self, index: int) -> Ring:
+        if not 0 <= index < len(self.rings):
+            raise FrontendError("vring-index", f"vring index {index} out of range "
+                                f"(this device has {len(self.rings)} queues)")
+        return self.rings[index]
+
+    def _run(self, ring: Ring) -> None:
+        assert self.mem is not None
+        ring.pending = False
+        try:
+            if not ring.running:
+                ring.running = True
+                self.device.queue_started(ring.vq, self.mem)
+            self.device.process(ring.vq, self.mem)
+        except GuestError as e:
+            self._break(ring, e)
+        self.notify(ring.vq.index)
+
+    def _break(self, ring: Ring, e: GuestError) -> None:
+        log.error("queue %d broken by the guest: %s", ring.vq.index, e)
+        ring.broken = True
+        if ring.err_fd is not None:
+            os.eventfd_write(ring.err_fd, 1)
+
+    def _stop_ring(self, ring: Ring) -> None:
+        if ring.kick_fd is not None:
+            self.emit(Action("unwatch", index=ring.vq.index))
+            os.close(ring.kick_fd)
+            ring.kick_fd = None
+        if ring.running:
+            self.device.queue_stopped(ring.vq)
+        ring.running = ring.pending = False
+
+    def _attach(self, ring: Ring) -> None:
+        if self.mem is None:
+            raise FrontendError("vring-addr-before-mem-table",
+                                f"queue {ring.vq.index}: ring addresses before SET_MEM_TABLE")
+        try:
+            ring.vq.attach(self.mem)
+            ring.broken = False
+        except GuestError as e:
+            ring.vq.detach()
+            raise FrontendError("vring-addr-outside-memory",
+                                f"queue {ring.vq.index}: {e}") from None
+
+    def _maybe_run_pending(self) -> None:
+        for ring in self.rings:
+            if ring.pending and ring.enabled and self.features_set and not ring.broken:
+                self._run(ring)
+
+    # -- handlers --------------------------------------------------------------------------
+
+    def _get_features(self, msg: Message) -> bytes:
+        return _pack_reply(msg.request, U64.pack(self.device.features() | F_PROTOCOL_FEATURES))
+
+    def _set_features(self, msg: Message) -> None:
+        (acked,) = U64.unpack(msg.payload)
+        offered = self.device.features() | F_PROTOCOL_FEATURES
+        if acked & ~offered:
+            raise FrontendError("features-not-offered",
+                                f"SET_FEATURES {acked:#x} acks bits {acked & ~offered:#x} "
+                                "that were not offered")
+        self.features, self.features_set = acked, True
+        for ring in self.rings:
+            ring.vq.event_idx = bool(acked >> C.VIRTIO_RING_F_EVENT_IDX & 1)
+            ring.vq.indirect = bool(acked >> C.VIRTIO_RING_F_INDIRECT_DESC & 1)
+            if not acked & F_PROTOCOL_FEATURES:
+                ring.enabled = True     # without bit 30 rings are enabled from the start
+        self.device.set_features(acked & ~F_PROTOCOL_FEATURES)
+        self._maybe_run_pending()
+        return None
+
+    def _set_owner(self, msg: Message) -> None:
+        self.owner = True
+        return None
+
+    def _reset_owner(self, msg: Message) -> None:
+        # Deprecated; treated as a device reset: rings stopped and disabled, driver state gone.
+        for ring in self.rings:
+            self._stop_ring(ring)
+            ring.enabled = False
+        self.features_set = False
+        self.device.reset()
+        return None
+
+    def _set_mem_table(self, msg: Message) -> None:
+        p = msg.payload
+        if len(p) < MEMORY.size:
+            raise FrontendError("payload-size", "SET_MEM_TABLE shorter than its header")
+        nregions, _pad = MEMORY.unpack_from(p)
+        if not 0 < nregions <= C.VHOST_MEMORY_BASELINE_NREGIONS:
+            raise FrontendError("mem-table-nregions", f"{nregions} regions (1 to "
+                                f"{C.VHOST_MEMORY_BASELINE_NREGIONS} allowed)")
+        # QEMU sends exactly nregions entries; older front-ends send all 8 slots.
+        if len(p) not in (MEMORY.size + MEM_REGION.size * nregions,
+                          MEMORY.size + MEM_REGION.size * C.VHOST_MEMORY_BASELINE_NREGIONS):
+            raise FrontendError("payload-size", f"SET_MEM_TABLE of {len(p)} bytes for "
+                                f"{nregions} regions")
+        specs = [RegionSpec(*MEM_REGION.unpack_from(p, MEMORY.size + MEM_REGION.size * i))
+                 for i in range(nregions)]
+        fds = list(msg.fds)
+        msg.fds.clear()
+        mem = GuestMemory.map(specs, fds)      # owns the fds, and closes them on failure
+        old, self.mem = self.mem, mem
+        for ring in self.rings:                # a table may arrive again while rings run
+            if ring.vq.ready:
+                try:
+                    self._attach(ring)
+                except FrontendError as e:
+                    log.error("%s", e)
+                    ring.broken = True
+        if old is not None:
+            old.close()
+        self.device.memory_changed(mem)
+        return None
+
+    def _set_vring_num(self, msg: Message) -> None:
+        index, num = VRING_STATE.unpack(msg.payload)
+        ring = self._ring(index)
+        if not 0 < num <= C.VIRTQ_MAX_SIZE or num & (num - 1):
+            raise FrontendError("vring-num", f"queue {index}: size {num} is not a power of two "
+                                f"in 1..{C.VIRTQ_MAX_SIZE}")
+        ring.vq.detach()
+        ring.vq.num = num
+        return None
+
+    def _set_vring_addr(self, msg: Message) -> None:
+        a = VRING_ADDR.unpack(msg.payload)
+        ring = self._ring(a.index)
+        if a.flags & ~C.VHOST_VRING_F_LOG:
+            raise FrontendError("vring-addr-flags", f"queue {a.index}: flags {a.flags:#x}")
+        for name, addr, align in (("desc", a.desc_user_addr, 16), ("avail", a.avail_user_addr, 2),
+                                  ("used", a.used_user_addr, 4)):
+            if addr % align:
+                raise FrontendError("vring-addr-alignment", f"queue {a.index}: {name} address "
+                                    f"{addr:#x} is not {align}-byte aligned")
+        vq = ring.vq
+        vq.desc_addr, vq.avail_addr, vq.used_addr = (a.desc_user_addr, a.avail_user_addr,
+                                                     a.used_user_addr)
+        self._attach(ring)
+        return None
+
+    def _set_vring_base(self, msg: Message) -> None:
+        index, num = VRING_STATE.unpack(msg.payload)
+        ring = self._ring(index)
+        if num > 0xFFFF:
+            raise FrontendError("vring-base", f"queue {index}: base {num} exceeds 16 bits")
+        ring.vq.last_avail_idx = num
+        ring.vq.inflight.clear()
+        ring.vq.signalled_used = None
+        return None
+
+    def _get_vring_base(self, msg: Message) -> bytes:
+        index, _ = VRING_STATE.unpack(msg.payload)
+        ring = self._ring(index)
+        self._stop_ring(ring)
+        base = ring.vq.stop_index()
+        ring.vq.last_avail_idx = base
+        ring.vq.inflight.clear()
+        return _pack_reply(msg.request, VRING_STATE.pack(index, base))
+
+    def _vring_fd(self, msg: Message) -> tuple[Ring, int | None]:
+        (value,) = U64.unpack(msg.payload)
+        if value & ~(C.VHOST_USER_VRING_IDX_MASK | C.VHOST_USER_VRING_NOFD_MASK):
+            raise FrontendError("vring-fd-payload", f"{msg.name}: reserved bits in {value:#x}")
+        ring = self._ring(value & C.VHOST_USER_VRING_IDX_MASK)
+        nofd = bool(value & C.VHOST_USER_VRING_NOFD_MASK)
+        want = 0 if nofd else 1
+        if len(msg.fds) < want:
+            raise FrontendError("fd-missing", f"{msg.name}: no fd attached and NOFD not set")
+        return ring, (msg.fds.pop(0) if want else None)
+
+    def _set_vring_kick(self, msg: Message) -> None:
+        ring, fd = self._vring_fd(msg)
+        if fd is None:
+            raise FrontendError("kick-nofd-unsupported", f"queue {ring.vq.index}: polling "
+                                "mode (no kick fd) is not supported")
+        self._stop_ring(ring)
+        ring.kick_fd = fd
+        self.emit(Action("watch", index=ring.vq.index, fd=fd))
+        return None
+
+    def _set_vring_call(self, msg: Message) -> None:
+        ring, fd = self._vring_fd(msg)
+        if ring.call_fd is not None:
+            os.close(ring.call_fd)
+        ring.call_fd = fd
+        return None
+
+    def _set_vring_err(self, msg: Message) -> None:
+        ring, fd = self._vring_fd(msg)
+        if ring.err_fd is not None:
+            os.close(ring.err_fd)
+        ring.err_fd = fd
+        return None
+
+    def _get_protocol_features(self, msg: Message) -> bytes:
+        return _pack_reply(msg.request, U64.pack(PROTOCOL_FEATURES))
+
+    def _set_protocol_features(self, msg: Message) -> None:
+        (acked,) = U64.unpack(msg.payload)
+        if acked & ~PROTOCOL_FEATURES:
+            raise FrontendError("protocol-features-not-offered",
+                                f"SET_PROTOCOL_FEATURES {acked:#x} sets bits "
+                                f"{acked & ~PROTOCOL_FEATURES:#x} that were not offered")
+        self.protocol_features = acked
+        return None
+
+    def _has(self, bit: int) -> bool:
+        return bool(self.protocol_features >> bit & 1)
+
+    def _get_queue_num(self, msg: Message) -> bytes:
+        if not self._has(C.VHOST_USER_PROTOCOL_F_MQ):
+            raise FrontendError("mq-not-negotiated", "GET_QUEUE_NUM without the MQ feature")
+        return _pack_reply(msg.request, U64.pack(len(self.rings)))
+
+    def _set_vring_enable(self, msg: Message) -> None:
+        if not self.features & F_PROTOCOL_FEATURES and self.features_set:
+            raise FrontendError("enable-without-protocol-features",
+                                "SET_VRING_ENABLE but VHOST_USER_F_PROTOCOL_FEATURES not acked")
+        index, num = VRING_STATE.unpack(msg.payload)
+        ring = self._ring(index)
+        if num not in (0, 1):
+            raise FrontendError("vring-enable-value", f"queue {index}: enable value {num}")
+        ring.enabled = bool(num)
+        if ring.enabled and ring.pending and self.features_set and not ring.broken:
+            self._run(ring)
+        return None
+
+    def _set_backend_req_fd(self, msg: Message) -> None:
+        if not self._has(C.VHOST_USER_PROTOCOL_F_BACKEND_REQ):
+            raise FrontendError("backend-req-not-negotiated",
+                                "SET_BACKEND_REQ_FD without the BACKEND_REQ feature")
+        if not msg.fds:
+            raise FrontendError("fd-missing", "SET_BACKEND_REQ_FD without an fd")
+        if self.backend_fd is not None:
+            os.close(self.backend_fd)
+        self.backend_fd = msg.fds.pop(0)
+        return None
+
+    def _config_payload(self, msg: Message) -> tuple[int, int, int, bytes]:
+        if len(msg.payload) < CONFIG.size:
+            raise FrontendError("payload-size", f"{msg.name}: payload shorter than 12 bytes")
+        offset, size, flags = CONFIG.unpack_from(msg.payload)
+        data = msg.payload[CONFIG.size:]
+        if size != len(data) or size > C.VHOST_USER_MAX_CONFIG_SIZE:
+            raise FrontendError("config-size", f"{msg.name}: size field {size} with "
+                                f"{len(data)} bytes of config")
+        have = len(self.device.get_config())
+        if offset + size > have:
+            raise FrontendError("config-range", f"{msg.name}: bytes {offset}..{offset + size} "
+                                f"but this device's config space is {have} bytes "
+                                f"(QEMU: config_size={have})")
+        return offset, size, flags, data
+
+    def _get_config(self, msg: Message) -> bytes:
+        offset, size, flags, _ = self._config_payload(msg)
+        data = self.device.get_config()[offset:offset + size]
+        return _pack_reply(msg.request, CONFIG.pack(offset, size, flags) + data)
+
+    def _set_config(self, msg: Message) -> None:
+        offset, _, flags, data = self._config_payload(msg)
+        if flags not in (C.VHOST_SET_CONFIG_TYPE_FRONTEND, C.VHOST_SET_CONFIG_TYPE_MIGRATION):
+            raise FrontendError("config-flags", f"SET_CONFIG flags {flags}")
+        self.device.set_config(offset, data, flags == C.VHOST_SET_CONFIG_TYPE_MIGRATION)
+        return None
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
