@@ -22,9 +22,9 @@ from .wire import C, HEADER
 log = logging.getLogger(__name__)
 
 _FD_SIZE = array.array("i").itemsize
-# Room for one more fd than allowed, so a message with too many is seen (and refused) whole
-# instead of being silently truncated by the kernel (MSG_CTRUNC).
-_ANC_SIZE = socket.CMSG_SPACE((C.VHOST_USER_MAX_FDS + 1) * _FD_SIZE)
+# Room for exactly the fds a message may carry: with more, the kernel truncates the list and
+# sets MSG_CTRUNC, and the connection is closed (the message cannot be trusted whole).
+_ANC_SIZE = socket.CMSG_SPACE(C.VHOST_USER_MAX_FDS * _FD_SIZE)
 
 
 class ConnectionClosed(Exception):

@@ -231,8 +231,9 @@ class Session:
 
     @property
     def driver_running(self) -> bool:
-        """Our view of DRIVER_OK: QEMU sends no status, so features set and a ring running."""
-        return self.features_set and any(r.running for r in self.rings)
+        """Our view of DRIVER_OK.  QEMU's generic device sends no status; it sets the features
+        and enables the rings while it handles the driver's DRIVER_OK (vhost_dev_start)."""
+        return self.features_set and any(r.enabled for r in self.rings)
 
     def close(self) -> None:
         """The connection is gone: stop every ring, drop the memory, close every fd."""
