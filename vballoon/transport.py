@@ -118,6 +118,7 @@ class Connection:
         self.loop = asyncio.get_running_loop()
         self.watched: dict[int, int] = {}
         self.backend: socket.socket | None = None
+        self._backend_of: int | None = None     # the session's fd that ``backend`` dups
         self._closing: str | None = None
         self.closed = False
         self.session = Session(device, self._apply)
@@ -150,9 +151,13 @@ class Connection:
         fd = self.session.backend_fd
         if fd is None:
             return
-        if self.backend is None or self.backend.fileno() != fd:
+        if self._backend_of != fd:            # a new SET_BACKEND_REQ_FD since the last send
+            if self.backend is not None:
+                self.backend.close()
             self.backend = socket.socket(fileno=os.dup(fd))
             self.backend.setblocking(False)
+            self._backend_of = fd
+        assert self.backend is not None
         try:
             self.backend.send(data)
         except BlockingIOError:
