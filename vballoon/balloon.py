@@ -287,21 +287,16 @@ class Balloon(Device):
             self.counters.inflated_pages -= int(gone.size)
             vq.push(chain, 0)
 
-    def _discard(self, mem: GuestMemory, runs: Iterable[tuple[int, int]]) -> int:
-        """Discard (pfn, npages) runs, split at region edges; returns bytes discarded."""
-        ranges = []
-        for pfn, n in runs:
-            start, end = pfn << PFN_SHIFT, (pfn + n) << PFN_SHIFT
-            for gpa, size in mem.ram_ranges:
-                lo, hi = max(start, gpa), min(end, gpa + size)
-                if lo < hi:
-                    ranges.append((lo, hi - lo))
+    def _discard(self, mem: GuestMemory, runs: tuple[np.ndarray, np.ndarray]) -> int:
+        """Discard (first pfn, npages) runs from host memory; returns bytes discarded."""
+        starts, counts = runs
         try:
-            self.counters.discard_calls += mem.discard(ranges)
+            calls, done = mem.discard(starts.astype(np.uint64) << np.uint64(PFN_SHIFT),
+                                      counts.astype(np.uint64) << np.uint64(PFN_SHIFT))
         except OSError as e:
             log.error("discard failed (is guest RAM a shared memfd/file?): %s", e)
             return 0
-        done = sum(n for _, n in ranges)
+        self.counters.discard_calls += calls
         self.counters.discarded_bytes += done
         return done
 
@@ -430,24 +425,23 @@ class Balloon(Device):
             vq.push(chain, 0)
 
 
-def pfn_runs(pfns: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted unique pfns -> [(first pfn, count)] of maximal contiguous runs."""
-    if pfns.size == 0:
-        return []
+def pfn_runs(pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique pfns -> (first pfn, count) of maximal contiguous runs, ascending."""
     p = np.sort(pfns.astype(np.int64))
+    if p.size == 0:
+        return p, p
     breaks = np.flatnonzero(np.diff(p) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [p.size]))
-    return [(int(p[s]), int(e - s)) for s, e in zip(starts, ends)]
+    first = np.concatenate(([0], breaks))
+    return p[first], np.diff(np.concatenate((first, [p.size])))
 
 
-def merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Coalesce adjacent or overlapping (pfn, n) runs."""
-    out: list[tuple[int, int]] = []
+def merge_runs(runs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Coalesce adjacent or overlapping (pfn, n) runs into (first pfn, count) arrays."""
+    out: list[list[int]] = []
     for pfn, n in sorted(runs):
         if out and pfn <= out[-1][0] + out[-1][1]:
-            last_pfn, last_n = out[-1]
-            out[-1] = (last_pfn, max(last_n, pfn + n - last_pfn))
+            out[-1][1] = max(out[-1][1], pfn + n - out[-1][0])
         else:
-            out.append((pfn, n))
-    return out
+            out.append([pfn, n])
+    arr = np.array(out, dtype=np.int64).reshape(-1, 2)
+    return arr[:, 0], arr[:, 1]

@@ -19,7 +19,9 @@ import logging
 import mmap
 import os
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
+
+import numpy as np
 
 from .errors import FrontendError, GuestMemoryError
 
@@ -164,23 +166,31 @@ class GuestMemory:
 
     # -- host memory reclaim ---------------------------------------------------------------
 
-    def discard(self, ranges: Iterable[tuple[int, int]]) -> int:
-        """Give guest-physical ranges back to the host: one MADV_REMOVE per range.
+    def discard(self, starts: "np.ndarray", lengths: "np.ndarray") -> tuple[int, int]:
+        """Give guest-physical ranges back to the host: one MADV_REMOVE per range and region.
 
         On a shared memfd/tmpfs/hugetlbfs mapping MADV_REMOVE punches a hole in the file, as
         ``fallocate(PUNCH_HOLE|KEEP_SIZE)`` at the fd offset would; the pages read back as zero.
-        Ranges must be page-aligned and inside one region.  Returns the number of calls issued.
+        Ranges are clipped to the regions (parts in holes are skipped) and must be page-aligned.
+        Returns (calls issued, bytes discarded).
         """
-        calls = 0
-        for gpa, length in ranges:
-            r, off = self.locate(gpa, length)
-            start = r.base + off
-            if start % PAGE_SIZE or length % PAGE_SIZE:
-                raise GuestMemoryError("discard-unaligned",
-                                       f"range {gpa:#x}+{length:#x} is not page-aligned")
-            r.mm.madvise(mmap.MADV_REMOVE, start, length)
-            calls += 1
-        return calls
+        starts = np.asarray(starts, dtype=np.uint64)
+        ends = starts + np.asarray(lengths, dtype=np.uint64)
+        if ((starts | ends) % PAGE_SIZE).any():
+            raise GuestMemoryError("discard-unaligned", "discard ranges must be page-aligned")
+        calls = done = 0
+        for r in self.regions:
+            lo = np.maximum(starts, np.uint64(r.gpa))
+            hi = np.minimum(ends, np.uint64(r.gpa + r.size))
+            keep = lo < hi
+            offs = (lo[keep] - np.uint64(r.gpa - r.base)).tolist()
+            lens = (hi[keep] - lo[keep]).tolist()
+            madvise, remove = r.mm.madvise, mmap.MADV_REMOVE
+            for off, n in zip(offs, lens):
+                madvise(remove, off, n)
+            calls += len(lens)
+            done += sum(lens)
+        return calls, done
 
 
 def _map_region(i: int, s: RegionSpec, fd: int) -> Region:

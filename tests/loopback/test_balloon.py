@@ -268,5 +268,9 @@ def test_unknown_feature_name_is_refused():
 
 def test_pfn_runs_and_merge_runs():
     import numpy as np
-    assert pfn_runs(np.array([5, 1, 2, 3, 7, 8], dtype=np.uint32)) == [(1, 3), (5, 1), (7, 2)]
-    assert merge_runs([(10, 2), (0, 4), (4, 2), (11, 5)]) == [(0, 6), (10, 6)]
+    starts, counts = pfn_runs(np.array([5, 1, 2, 3, 7, 8], dtype=np.uint32))
+    assert list(zip(starts.tolist(), counts.tolist())) == [(1, 3), (5, 1), (7, 2)]
+    starts, counts = merge_runs([(10, 2), (0, 4), (4, 2), (11, 5)])
+    assert list(zip(starts.tolist(), counts.tolist())) == [(0, 6), (10, 6)]
+    assert [a.size for a in pfn_runs(np.zeros(0, dtype=np.uint32))] == [0, 0]
+    assert [a.size for a in merge_runs([])] == [0, 0]

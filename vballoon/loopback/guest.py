@@ -110,7 +110,8 @@ class BalloonGuest:
             await q.wait_used(1)
 
     async def inflate(self, npages: int) -> list[int]:
-        pfns = [self.pool.pop(0) for _ in range(min(npages, len(self.pool)))]
+        pfns = self.pool[:npages]
+        del self.pool[:npages]
         await self._send_pfns("inflate", pfns)
         self.ballooned.extend(pfns)
         self.actual += len(pfns)
