@@ -28,6 +28,7 @@ HEADERS = {
     "vhost_user.h": ("=", False),
     "virtio_ring.h": ("<", False),
     "virtio_balloon.h": ("<", True),
+    "bitmap_queue.h": ("<", False),
 }
 
 _CODES = {("uint", 1): "B", ("uint", 2): "H", ("uint", 4): "I", ("uint", 8): "Q",

@@ -1,0 +1,3 @@
+from setuptools import setup
+
+setup(cffi_modules=["vballoon/_fastbits_build.py:ffibuilder"])

@@ -1,0 +1,532 @@
+"""The free-page map of one bitmap-queue round, and the device side of the round protocol.
+
+The protocol is ``protocol/bitmap-queue.md`` ("the spec"; § numbers below are its sections),
+the wire structs ``protocol/bitmap_queue.h``.  It is Liang Li's 2016 v3 scatter/gather bitmap
+(shared/research/balloon-lineage.md §1.2), modernised.
+
+:class:`FreePageMap` is the map itself: two bitmaps over the guest's pfn space ``[0, max_pfn)``
+(4 KiB frames, holes included) — ``free`` (the guest said the page was free during the round)
+and ``covered`` (the round said something about the page).  Bit *k* is bit ``k % 64`` of
+little-endian word ``k // 64``, i.e. byte ``k // 8`` bit ``k % 8``: the wire's order, so a chunk's
+bitmap is OR-ed in without any conversion.  Pages in holes are never free and never covered.
+
+:class:`BitmapRounds` is the device side of §4-§6: request ids, the round state machine, and
+the validation of every chain the guest returns.  It is pure (no queue, no clock: the caller
+passes ``now``) so that each rule has a test of its own; the balloon device feeds it chains.
+
+The heavy loops (OR, fill, popcount, run extraction) are C, in :mod:`vballoon._fastbits`
+(``vballoon/_fastbits_build.py``), each bounds-checked against the sizes it is given.
+"""
+from __future__ import annotations
+
+import bisect
+import enum
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .errors import ConfigError
+from .wire import C, Layout
+
+try:
+    from ._fastbits import ffi, lib
+except ImportError as e:  # pragma: no cover - only without a build
+    raise ImportError("vballoon._fastbits is not built: run `pip install -e .`") from e
+
+PAGE_SHIFT = C.VIRTIO_BALLOON_BITMAP_PAGE_SHIFT
+PAGE_SIZE = 1 << PAGE_SHIFT
+PFN_ALIGN = C.VIRTIO_BALLOON_BITMAP_PFN_ALIGN
+MAX_CHUNK_PFNS = C.VIRTIO_BALLOON_BITMAP_MAX_CHUNK_PFNS
+CMD_GET_FREE = C.VIRTIO_BALLOON_BITMAP_CMD_GET_FREE
+F_DONE = C.VIRTIO_BALLOON_BITMAP_F_DONE
+ROUND_IDLE_TIMEOUT = 5.0         # seconds without a merged chunk: the round is aborted (§5)
+MAX_PFNS = 1 << 36               # pfn space limit (256 TiB): 8 GiB per bitmap, holes included
+RANGES_FIRST_CAPACITY = 1 << 14  # (start, npages) pairs; doubles as needed
+COVER_BACKLOG = 4096             # covered intervals recorded before they are written out
+
+REQUEST = Layout("virtio_balloon_bitmap_req")
+CHUNK_HEADER = Layout("virtio_balloon_bitmap_chunk")
+HDR_SIZE = CHUNK_HEADER.size
+_U64_LIMIT = 1 << 64
+
+
+def _check_int(name: str, value: Any) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+        raise ConfigError("fpmap-argument", f"{name} must be a non-negative integer, not {value!r}")
+    return int(value)
+
+
+def ram_extents(layout: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The whole pages of ``(guest_phys_addr, size)`` regions as sorted ``(start, end)`` pfns.
+
+    Raises ConfigError("fpmap-layout") for no regions, empty, overlapping or overflowing ones,
+    no whole page, or a pfn space past :data:`MAX_PFNS`.
+    """
+    regions = sorted((_check_int("guest_phys_addr", g), _check_int("size", s)) for g, s in layout)
+    if not regions:
+        raise ConfigError("fpmap-layout", "the memory layout has no regions")
+    for g, s in regions:
+        if s == 0 or g + s > _U64_LIMIT:
+            raise ConfigError("fpmap-layout", f"region {g:#x}+{s:#x} is empty or "
+                              "overflows 64 bits")
+    for (g0, s0), (g1, _) in zip(regions, regions[1:]):
+        if g0 + s0 > g1:
+            raise ConfigError("fpmap-layout", f"regions overlap at {g1:#x}")
+    ram = [(-(-g // PAGE_SIZE), (g + s) // PAGE_SIZE) for g, s in regions]
+    ram = [(a, b) for a, b in ram if a < b]
+    if not ram:
+        raise ConfigError("fpmap-layout", "the layout holds no whole page")
+    if ram[-1][1] > MAX_PFNS:
+        raise ConfigError("fpmap-layout", f"RAM ends at pfn {ram[-1][1]:#x}, past the "
+                          f"{MAX_PFNS:#x} pfns a map may span")
+    return ram
+
+
+def _zeroed(nwords: int) -> np.ndarray:
+    """Zeroed words whose pages are touched now (``np.zeros`` would defer that to first use)."""
+    words = np.empty(nwords, dtype=np.uint64)
+    words.fill(0)
+    return words
+
+
+class FreePageMap:
+    """Which pages of a guest were free during one round, and which pages the round covered.
+
+    ``layout`` is the guest's RAM as ``(guest_phys_addr, size)`` pairs (``GuestMemory.ram_ranges``),
+    e.g. ``[(0, 2 << 30), (4 << 30, 2 << 30)]`` for a 4 GiB x86 guest: the pfn space is
+    ``[0, max_pfn)`` with the PCI hole in it.  A page not wholly inside one pair is a hole.
+
+    Memory: ``free`` and ``covered`` are ``ceil(max_pfn / 64)`` words each — 32 MiB each for a
+    1 TiB guest.  Nothing else of that order is allocated while chunks are merged.
+
+    Both bitmaps are zeroed when the map is made — for a round, at the request, while the
+    guest scans — so that merging chunks does not also pay the first-touch page faults.
+    Coverage is written lazily: a merge records its pfn interval, and :attr:`covered` sets the
+    recorded intervals' bits when it is read.  Merging then writes one bitmap, not two (the OR
+    is memory-bound).
+    """
+
+    def __init__(self, layout: Iterable[tuple[int, int]]) -> None:
+        ram = ram_extents(layout)
+        #: ``(start_pfn, end_pfn)`` of every RAM extent, sorted
+        self.ram: tuple[tuple[int, int], ...] = tuple(ram)
+        self.max_pfn: int = ram[-1][1]
+        self.ram_pages: int = sum(b - a for a, b in ram)
+        self.nwords = -(-self.max_pfn // 64)
+        self.free = _zeroed(self.nwords)
+        self._covered = _zeroed(self.nwords)
+        self._free_p = ffi.from_buffer("uint64_t[]", self.free, require_writable=True)
+        self._cov_p = ffi.from_buffer("uint64_t[]", self._covered, require_writable=True)
+        self._cov_todo: list[tuple[int, int]] = []      # covered intervals not yet in _covered
+        # Holes: the gaps between RAM extents (and the tail of the last word): [lo, hi) pfns.
+        edges = [0] + [x for ext in ram for x in ext] + [self.nwords * 64]
+        holes = [(edges[i], edges[i + 1]) for i in range(0, len(edges), 2)
+                 if edges[i] < edges[i + 1]]
+        self._hole_lo = [a for a, _ in holes]
+        self._hole_hi = [b for _, b in holes]
+
+    def __repr__(self) -> str:
+        return (f"<FreePageMap max_pfn={self.max_pfn} ram_pages={self.ram_pages} "
+                f"free={self.free_pages()} coverage={self.coverage():.3f}>")
+
+    # -- writing --------------------------------------------------------------------------
+
+    def _check_range(self, start_pfn: int, npages: int) -> None:
+        if start_pfn + npages > self.max_pfn:
+            raise ConfigError("fpmap-range", f"pfns [{start_pfn:#x}, {start_pfn + npages:#x}) "
+                              f"run past the end of the pfn space ({self.max_pfn:#x})")
+
+    def _clear_holes(self, words: Any, lo: int, hi: int) -> None:
+        i = bisect.bisect_right(self._hole_hi, lo)
+        while i < len(self._hole_lo) and self._hole_lo[i] < hi:
+            lib.fb_fill(words, self.nwords, max(lo, self._hole_lo[i]), min(hi, self._hole_hi[i]), 0)
+            i += 1
+
+    def _cover(self, lo: int, hi: int) -> None:
+        todo = self._cov_todo
+        if todo and todo[-1][1] == lo:
+            todo[-1] = (todo[-1][0], hi)
+        else:
+            todo.append((lo, hi))
+            if len(todo) > COVER_BACKLOG:
+                self._flush_covered()
+
+    def _flush_covered(self) -> None:
+        todo, self._cov_todo = self._cov_todo, []
+        for lo, hi in todo:
+            lib.fb_fill(self._cov_p, self.nwords, lo, hi, 1)
+            self._clear_holes(self._cov_p, lo, hi)
+
+    def or_bitmap(self, start_pfn: int, bits: Any, nbits: int | None = None) -> None:
+        """OR ``nbits`` bits of ``bits`` into ``free`` at ``start_pfn``; mark them covered.
+
+        ``bits`` is any contiguous buffer (bytes, memoryview of guest memory, numpy array) in
+        wire bit order: bit *k* = byte ``k // 8`` bit ``k % 8`` = pfn ``start_pfn + k``
+        (``nbits`` defaults to all of it).  Bits at or past ``nbits`` are ignored (spec §3.3:
+        the driver zeroes them, the device does not rely on it).  Bits that fall in holes are
+        dropped: a hole is never free, nor covered.
+
+        Any ``start_pfn`` works.  A multiple of 8 is a plain byte-wise OR — the protocol
+        requires a multiple of 64 (§3.2), and descriptor splits fall on byte boundaries — and
+        anything else a shifted OR, several times slower.
+        """
+        self.or_pieces(start_pfn, (bits,), nbits)
+
+    def or_pieces(self, start_pfn: int, pieces: Iterable[Any], nbits: int | None = None) -> None:
+        """:meth:`or_bitmap` of a bitmap given as consecutive pieces (a chain's descriptors).
+
+        The pieces' bytes, concatenated, are the bitmap; they may have any byte lengths.
+        """
+        start_pfn = _check_int("start_pfn", start_pfn)
+        try:
+            srcs = [ffi.from_buffer("uint8_t[]", p) for p in pieces]
+        except (TypeError, ValueError, BufferError) as e:
+            raise ConfigError("fpmap-buffer", f"bitmap must be a contiguous buffer: {e}") from None
+        lens = [len(p) for p in srcs]
+        nbits = 8 * sum(lens) if nbits is None else _check_int("nbits", nbits)
+        if nbits > 8 * sum(lens):
+            raise ConfigError("fpmap-short-buffer", f"{nbits} bits asked for, the buffer holds "
+                              f"{8 * sum(lens)}")
+        self._check_range(start_pfn, nbits)
+        self._or_spans(start_pfn, srcs, lens, nbits)
+
+    def _or_spans(self, start_pfn: int, srcs: list[Any], lens: list[int], nbits: int) -> None:
+        """The merge itself; the caller checked the window and that the spans hold nbits."""
+        if lib.fb_or(self._free_p, self.nwords, ffi.new("uint8_t *[]", srcs),
+                     ffi.new("size_t[]", lens), len(srcs), start_pfn, nbits):
+            raise ConfigError("fpmap-range", "fb_or refused the window")  # pragma: no cover
+        self._clear_holes(self._free_p, start_pfn, start_pfn + nbits)
+        self._cover(start_pfn, start_pfn + nbits)
+
+    def mark_free_range(self, pfn: int, npages: int) -> None:
+        """Mark ``[pfn, pfn+npages)`` free and covered (a FREE_PAGE_HINT block; holes excepted).
+
+        A hinted block is known to have been free, so it counts as covered; everything the hints
+        did not name stays unknown.
+        """
+        pfn, npages = _check_int("pfn", pfn), _check_int("npages", npages)
+        self._check_range(pfn, npages)
+        lib.fb_fill(self._free_p, self.nwords, pfn, pfn + npages, 1)
+        self._clear_holes(self._free_p, pfn, pfn + npages)
+        self._cover(pfn, pfn + npages)
+
+    # -- reading --------------------------------------------------------------------------
+
+    @property
+    def covered(self) -> np.ndarray:
+        """The covered bitmap (layout of :attr:`free`): pages some chunk or hint spoke of."""
+        self._flush_covered()
+        return self._covered
+
+    def free_pages(self) -> int:
+        """Pages marked free (never in a hole)."""
+        return int(lib.fb_popcount(self._free_p, self.nwords, 0, self.max_pfn))
+
+    def covered_pages(self) -> int:
+        """RAM pages some chunk (or hint) of the round said something about."""
+        self._flush_covered()
+        return int(lib.fb_popcount(self._cov_p, self.nwords, 0, self.max_pfn))
+
+    def coverage(self) -> float:
+        """Covered RAM pages / RAM pages, in [0, 1].  Uncovered pages are unknown, not free."""
+        return self.covered_pages() / self.ram_pages
+
+    def _window(self, start_pfn: int, end_pfn: int | None) -> tuple[int, int]:
+        lo = _check_int("start_pfn", start_pfn)
+        hi = self.max_pfn if end_pfn is None else _check_int("end_pfn", end_pfn)
+        if lo > hi or hi > self.max_pfn:
+            raise ConfigError("fpmap-window", f"window [{lo:#x}, {hi:#x}) is not inside "
+                              f"[0, {self.max_pfn:#x})")
+        return lo, hi
+
+    def ranges(self) -> np.ndarray:
+        """The free ranges: an ``(n, 2)`` int64 array of ``(start_pfn, npages)``, ascending."""
+        return self.ranges_in(0, self.max_pfn)
+
+    def ranges_in(self, start_pfn: int, end_pfn: int) -> np.ndarray:
+        """The free ranges inside ``[start_pfn, end_pfn)``, clipped to it (see :meth:`ranges`).
+
+        One pass: the kernel fills the array it is given and says where it stopped; the array
+        doubles and the scan resumes there.  The result may be a view of a buffer up to twice
+        its size.
+        """
+        lo, hi = self._window(start_pfn, end_pfn)
+        out = np.empty((RANGES_FIRST_CAPACITY, 2), dtype=np.uint64)
+        n, nxt = 0, ffi.new("uint64_t *")
+        while True:
+            with ffi.from_buffer("uint64_t[]", out[n:], require_writable=True) as p:
+                got = lib.fb_runs(self._free_p, self.nwords, lo, hi, p, len(out) - n, nxt)
+            assert 0 <= got <= len(out) - n and lo <= nxt[0] <= hi, (got, nxt[0])
+            n, lo = n + got, nxt[0]
+            if lo == hi:
+                return out[:n].view(np.int64)
+            grown = np.empty((2 * len(out), 2), dtype=np.uint64)
+            grown[:n] = out[:n]
+            out = grown
+
+    def iter_ranges(self, start_pfn: int = 0, end_pfn: int | None = None,
+                    batch: int = 1 << 16) -> Iterator[np.ndarray]:
+        """The free ranges of a window in ascending ``(n <= batch, 2)`` arrays.
+
+        For consumers that stream (export, discard): memory stays ``16 * batch`` bytes however
+        fragmented the map is (a hostile guest can make 2^27 ranges out of 1 TiB).
+        """
+        lo, hi = self._window(start_pfn, end_pfn)
+        batch = _check_int("batch", batch)
+        if batch == 0:
+            raise ConfigError("fpmap-argument", "batch must be at least 1")
+        nxt = ffi.new("uint64_t *")
+        while lo < hi:
+            out = np.empty((batch, 2), dtype=np.uint64)
+            with ffi.from_buffer("uint64_t[]", out, require_writable=True) as p:
+                got = lib.fb_runs(self._free_p, self.nwords, lo, hi, p, batch, nxt)
+            assert 0 <= got <= batch and lo <= nxt[0] <= hi, (got, nxt[0])
+            if got:
+                yield out[:got].view(np.int64)
+            lo = nxt[0]
+
+    def file_ranges(self, regions: Sequence[tuple[int, int, int]]) -> np.ndarray:
+        """The free ranges as ``(region index, file offset, length)`` rows, in bytes, int64.
+
+        ``regions`` are ``(guest_phys_addr, size, mmap_offset)`` as in a vhost-user memory
+        table; the index is the position in ``regions``.  A range is split at region edges,
+        and parts outside every region are left out.  Rows come in guest-physical order.
+
+        For consumers that read guest memory through the region fds (a migration engine).
+        Never punch holes with them: these pages were only *hinted* free (shared/DESIGN.md).
+        """
+        regs = []
+        for i, r in enumerate(regions):
+            g, s, off = (_check_int(n, v)
+                         for n, v in zip(("guest_phys_addr", "size", "mmap_offset"), r))
+            if g + s >= 1 << 63 or off + s >= 1 << 63:
+                raise ConfigError("fpmap-regions", f"region {i} ends past 2^63")
+            regs.append((g, s, off, i))
+        regs.sort()
+        for (g0, s0, _, i0), (g1, _, _, i1) in zip(regs, regs[1:]):
+            if g0 + s0 > g1:
+                raise ConfigError("fpmap-regions", f"regions {i0} and {i1} overlap")
+        r = self.ranges()
+        start = r[:, 0] << PAGE_SHIFT
+        end = start + (r[:, 1] << PAGE_SHIFT)
+        parts = []
+        for g, s, off, i in regs:
+            a = int(np.searchsorted(end, g, side="right"))
+            b = int(np.searchsorted(start, g + s, side="left"))
+            if a >= b:
+                continue
+            lo = np.maximum(start[a:b], g)
+            hi = np.minimum(end[a:b], g + s)
+            rows = np.empty((b - a, 3), dtype=np.int64)
+            rows[:, 0] = i
+            rows[:, 1] = lo - g + off
+            rows[:, 2] = hi - lo
+            parts.append(rows)
+        return np.concatenate(parts) if parts else np.empty((0, 3), dtype=np.int64)
+
+
+# -- the round protocol (spec §4-§6) ---------------------------------------------------------------
+
+class RoundState(enum.Enum):
+    """§5.  IDLE is "no round yet"; DONE and ABORTED are final and keep their map."""
+
+    IDLE = "idle"
+    REQUESTED = "requested"      # request id handed to the driver, no chunk merged yet
+    RECEIVING = "receiving"      # at least one CONT chunk merged
+    DONE = "done"                # the DONE chunk merged
+    ABORTED = "aborted"          # timed out, superseded by a new request, or the memory changed
+
+
+class Verdict(enum.Enum):
+    """What the device did with one chain of the bitmap queue (§6).  Values are rule names."""
+
+    ACCEPTED = "accepted"                  # merged; the round goes on
+    DONE = "done"                          # merged; it was the round's last chunk
+    WRITABLE = "chunk-writable"            # a device-writable descriptor in a chunk
+    SHORT_HEADER = "chunk-short-header"    # fewer readable bytes than a header
+    BAD_CMD = "chunk-cmd"                  # cmd is not GET_FREE
+    BAD_FLAGS = "chunk-flags"              # a flag other than DONE
+    NO_ROUND = "chunk-no-round"            # no request was ever made
+    UNKNOWN_ID = "chunk-unknown-id"        # an id the device never issued (0 included)
+    STALE_ID = "chunk-stale-id"            # the id of an earlier round
+    ROUND_CLOSED = "chunk-round-closed"    # the round already ended (DONE or ABORTED)
+    PAGE_SHIFT = "chunk-page-shift"        # page_shift differs from the request's
+    UNALIGNED = "chunk-start-unaligned"    # start_pfn not a multiple of 64
+    TOO_LONG = "chunk-too-long"            # nr_pfns above MAX_CHUNK_PFNS
+    OUT_OF_RANGE = "chunk-pfn-range"       # start_pfn + nr_pfns past the pfn space
+    LENGTH = "chunk-length"                # bitmap bytes != 8 * ceil(nr_pfns / 64)
+
+    @property
+    def merged(self) -> bool:
+        return self in (Verdict.ACCEPTED, Verdict.DONE)
+
+
+@dataclass(eq=False)
+class Round:
+    """One round: its request id, its map, where it is in §5's state machine, and counters."""
+
+    id: int
+    map: FreePageMap
+    requested_at: float
+    state: RoundState = RoundState.REQUESTED
+    last_activity: float = 0.0
+    finished_at: float | None = None
+    abort_reason: str | None = None
+    chunks: int = 0                                      # chunks merged
+    dropped: Counter[Verdict] = field(default_factory=Counter)   # chunks with this id, dropped
+
+    def __post_init__(self) -> None:
+        self.last_activity = self.requested_at
+
+    @property
+    def request(self) -> bytes:
+        """The 16 bytes the device writes into the driver's request buffer (§4.1)."""
+        return REQUEST.pack(CMD_GET_FREE, PAGE_SHIFT, 0, self.id)
+
+    @property
+    def active(self) -> bool:
+        return self.state in (RoundState.REQUESTED, RoundState.RECEIVING)
+
+    @property
+    def complete(self) -> bool:
+        """The driver said DONE.  Coverage may still be < 1 (dropped chunks, skipped ranges)."""
+        return self.state is RoundState.DONE
+
+
+class BitmapRounds:
+    """The device side of the bitmap queue's rounds: ids, state, chunk validation (§4-§6).
+
+    ``layout`` is the guest RAM as for :class:`FreePageMap`.  Ids start at ``first_id``
+    (never 0) and only grow, so a chunk's id tells stale (issued before) from unknown (never
+    issued).  The consumer must start dirty tracking *before* :meth:`request` (§7).
+    """
+
+    def __init__(self, layout: Iterable[tuple[int, int]], *, first_id: int = 1,
+                 idle_timeout: float = ROUND_IDLE_TIMEOUT) -> None:
+        if _check_int("first_id", first_id) == 0:
+            raise ConfigError("fpmap-argument", "request id 0 is reserved")
+        self.layout = list(layout)
+        ram_extents(self.layout)                # refuse a bad layout now, not at a request
+        self.idle_timeout = idle_timeout
+        self.current: Round | None = None
+        self.dropped: Counter[Verdict] = Counter()     # every dropped chain, any id
+        self._first_id = self._next_id = first_id
+
+    @property
+    def state(self) -> RoundState:
+        return RoundState.IDLE if self.current is None else self.current.state
+
+    def request(self, now: float) -> Round:
+        """Start a round: aborts the active one ("superseded"), allocates a fresh map.
+
+        Write ``round.request`` into the driver's oldest posted request buffer and use it.
+        """
+        self.abort("superseded", now)
+        rnd = Round(self._next_id, FreePageMap(self.layout), now)
+        self._next_id += 1
+        self.current = rnd
+        return rnd
+
+    def abort(self, reason: str, now: float) -> None:
+        """End the active round, if any, keeping what it merged (its coverage says how much)."""
+        rnd = self.current
+        if rnd is not None and rnd.active:
+            rnd.state, rnd.abort_reason, rnd.finished_at = RoundState.ABORTED, reason, now
+
+    def set_layout(self, layout: Iterable[tuple[int, int]], now: float) -> None:
+        """The guest's memory changed: abort the active round; later rounds use ``layout``."""
+        layout = list(layout)
+        ram_extents(layout)
+        self.abort("memory-changed", now)
+        self.layout = layout
+
+    def expire(self, now: float) -> bool:
+        """Abort the active round if it has been idle for ``idle_timeout``; True if it was."""
+        rnd = self.current
+        if rnd is not None and rnd.active and now - rnd.last_activity >= self.idle_timeout:
+            self.abort("timeout", now)
+            return True
+        return False
+
+    def receive(self, readable: Sequence[Any], writable_len: int = 0, *,
+                now: float) -> Verdict:
+        """Validate one chunk chain and merge it into the current round's map (§6).
+
+        ``readable`` are the chain's device-readable buffers in order (memoryviews of guest
+        memory), ``writable_len`` the total length of its device-writable ones.  A chain with
+        only writable descriptors is a request buffer (§4.1), not a chunk: route it before.
+        Descriptor boundaries do not matter (VIRTIO 1.2 §2.6.4): the readable bytes are one
+        stream, header then bitmap.  Whatever the verdict, the device then uses the chain
+        with length 0.  Only merged chunks change anything but counters.
+        """
+        try:
+            spans = [ffi.from_buffer("uint8_t[]", b) for b in readable]
+        except (TypeError, ValueError, BufferError) as e:
+            raise ConfigError("fpmap-buffer", f"chain buffers must be contiguous: {e}") from None
+        verdict, hdr = self._check(spans, writable_len)
+        rnd = self.current
+        if not verdict.merged:
+            self.dropped[verdict] += 1
+            if hdr is not None and rnd is not None and hdr.id == rnd.id:
+                rnd.dropped[verdict] += 1
+            return verdict
+        assert rnd is not None and hdr is not None
+        self._merge(rnd.map, spans, hdr.start_pfn, hdr.nr_pfns)
+        rnd.chunks += 1
+        rnd.last_activity = now
+        if verdict is Verdict.DONE:
+            rnd.state, rnd.finished_at = RoundState.DONE, now
+        else:
+            rnd.state = RoundState.RECEIVING
+        return verdict
+
+    def _check(self, spans: list[Any], writable_len: int) -> tuple[Verdict, Any]:
+        if writable_len:
+            return Verdict.WRITABLE, None
+        total = sum(len(p) for p in spans)
+        if total < HDR_SIZE:
+            return Verdict.SHORT_HEADER, None
+        head = b""
+        for p in spans:                      # one copy: the guest may rewrite it meanwhile
+            head += ffi.buffer(p)[:HDR_SIZE - len(head)]
+            if len(head) == HDR_SIZE:
+                break
+        hdr = CHUNK_HEADER.unpack(head)
+        rnd = self.current
+        if hdr.cmd != CMD_GET_FREE:
+            return Verdict.BAD_CMD, hdr
+        if hdr.flags & ~F_DONE:
+            return Verdict.BAD_FLAGS, hdr
+        if rnd is None:
+            return Verdict.NO_ROUND, hdr
+        if not self._first_id <= hdr.id < self._next_id:
+            return Verdict.UNKNOWN_ID, hdr
+        if hdr.id != rnd.id:
+            return Verdict.STALE_ID, hdr
+        if not rnd.active:
+            return Verdict.ROUND_CLOSED, hdr
+        if hdr.page_shift != PAGE_SHIFT:
+            return Verdict.PAGE_SHIFT, hdr
+        if hdr.start_pfn % PFN_ALIGN:
+            return Verdict.UNALIGNED, hdr
+        if hdr.nr_pfns > MAX_CHUNK_PFNS:
+            return Verdict.TOO_LONG, hdr
+        if hdr.start_pfn + hdr.nr_pfns > rnd.map.max_pfn:
+            return Verdict.OUT_OF_RANGE, hdr
+        if total - HDR_SIZE != (hdr.nr_pfns + 63) // 64 * 8:
+            return Verdict.LENGTH, hdr
+        return (Verdict.DONE if hdr.flags & F_DONE else Verdict.ACCEPTED), hdr
+
+    @staticmethod
+    def _merge(fpm: FreePageMap, spans: list[Any], start_pfn: int, nr_pfns: int) -> None:
+        srcs, lens, skip = [], [], HDR_SIZE  # the bitmap: the readable bytes after the header
+        for p in spans:
+            if skip >= len(p):
+                skip -= len(p)
+                continue
+            srcs.append(p + skip if skip else p)
+            lens.append(len(p) - skip)
+            skip = 0
+        fpm._or_spans(start_pfn, srcs, lens, nr_pfns)
