@@ -20,6 +20,7 @@ import numpy as np
 
 from .device import Device
 from .errors import ConfigError, GuestError
+from .fpmap import BitmapRounds, FreePageMap, Round, RoundState, Verdict
 from .memory import GuestMemory
 from .virtqueue import Chain, VirtQueue
 from .wire import BALLOON_CONFIG, BALLOON_STAT, C, LE32
@@ -47,8 +48,11 @@ FEATURE_NAMES = {
     "free-page-hint": C.VIRTIO_BALLOON_F_FREE_PAGE_HINT,
     "page-poison": C.VIRTIO_BALLOON_F_PAGE_POISON,
     "free-page-reporting": C.VIRTIO_BALLOON_F_PAGE_REPORTING,
+    "free-page-bitmap": C.VIRTIO_BALLOON_F_FREE_PAGE_BITMAP,
 }
 HINT_CMD_ID_MIN = 0x80000000    # as QEMU: far from STOP (0) and DONE (1)
+HINT_ROUND_TIMEOUT = 30.0       # seconds a hint round may stay open before DONE is forced
+ROUNDS_KEPT = 16                # finished rounds kept for queries and exports
 
 
 @dataclass
@@ -67,19 +71,40 @@ class Counters:
     hinted_bytes: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class HintRound:
-    """One FREE_PAGE_HINT round (VIRTIO 1.2 §5.5.6.4): cmd_id and the blocks hinted in it."""
+    """One FREE_PAGE_HINT round (VIRTIO 1.2 §5.5.6.4): its cmd_id and the map of its hints.
 
-    cmd_id: int
-    state: str = "requested"     # requested -> receiving -> stopped -> done
-    started: float = 0.0
-    finished: float | None = None
-    ranges: list[tuple[int, int]] = field(default_factory=list)   # (pfn, npages) as hinted
+    States: requested -> receiving -> done (the driver said STOP) or aborted (a new round, a
+    reset, a timeout).  Hinted blocks are marked free *and covered* in ``map``; nothing else is
+    covered, since a hint round says nothing about pages it did not hint.
+    """
+
+    id: int
+    map: FreePageMap
+    requested_at: float
+    state: str = "requested"
+    finished_at: float | None = None
+    abort_reason: str | None = None
+    hints: int = 0
+
+    kind = "hint"
 
     @property
-    def hinted_pages(self) -> int:
-        return sum(n for _, n in self.ranges)
+    def active(self) -> bool:
+        return self.state in ("requested", "receiving")
+
+    @property
+    def complete(self) -> bool:
+        return self.state == "done"
+
+
+def round_kind(r: "Round | HintRound") -> str:
+    return "hint" if isinstance(r, HintRound) else "bitmap"
+
+
+def round_state(r: "Round | HintRound") -> str:
+    return r.state if isinstance(r, HintRound) else r.state.value
 
 
 class Balloon(Device):
@@ -113,7 +138,12 @@ class Balloon(Device):
         self._stats_vq: VirtQueue | None = None
         self.hint_round: HintRound | None = None
         self._next_cmd_id = HINT_CMD_ID_MIN
-        self.on_change: Callable[[str], None] = lambda what: None   # "actual", "stats", "hint"
+        self.bitmap: BitmapRounds | None = None          # made when the memory table is known
+        self._bitmap_req: tuple[VirtQueue, Chain] | None = None   # the driver's request buffer
+        self._bitmap_pending: Round | None = None         # requested before a buffer was posted
+        self.rounds: dict[int, Round | HintRound] = {}    # by id, the last ROUNDS_KEPT
+        #: called with "actual", "stats", or ("round", round) when a round ends
+        self.on_change: Callable[..., None] = lambda *what: None
 
     # -- negotiation ----------------------------------------------------------------------
 
@@ -125,14 +155,16 @@ class Balloon(Device):
 
     def max_queues(self) -> int:
         return 3 + sum(bool(self.offered >> b & 1) for b in
-                       (C.VIRTIO_BALLOON_F_FREE_PAGE_HINT, C.VIRTIO_BALLOON_F_PAGE_REPORTING))
+                       (C.VIRTIO_BALLOON_F_FREE_PAGE_HINT, C.VIRTIO_BALLOON_F_PAGE_REPORTING,
+                        C.VIRTIO_BALLOON_F_FREE_PAGE_BITMAP))
 
     def set_features(self, acked: int) -> None:
         super().set_features(acked)
         roles = ["inflate", "deflate"]
         for bit, role in ((C.VIRTIO_BALLOON_F_STATS_VQ, "stats"),
                           (C.VIRTIO_BALLOON_F_FREE_PAGE_HINT, "hint"),
-                          (C.VIRTIO_BALLOON_F_PAGE_REPORTING, "reporting")):
+                          (C.VIRTIO_BALLOON_F_PAGE_REPORTING, "reporting"),
+                          (C.VIRTIO_BALLOON_F_FREE_PAGE_BITMAP, "bitmap")):
             if self.has(bit):
                 roles.append(role)
         self.roles = dict(enumerate(roles))
@@ -187,6 +219,11 @@ class Balloon(Device):
     def memory_changed(self, mem: GuestMemory | None) -> None:
         self.mem = mem
         if mem is not None:
+            if self.bitmap is None:
+                self.bitmap = BitmapRounds(mem.ram_ranges, first_id=self._next_bitmap_id())
+            elif self.bitmap.layout != mem.ram_ranges:
+                self.bitmap.set_layout(mem.ram_ranges, self.clock())
+                self._round_ended(self.bitmap.current)
             end = max((g + s for g, s in mem.ram_ranges), default=0) >> PFN_SHIFT
             if self.inflated.size * 8 < end:
                 grown = np.zeros((end + 7) // 8, dtype=np.uint8)
@@ -196,13 +233,18 @@ class Balloon(Device):
     def queue_stopped(self, vq: VirtQueue) -> None:
         if vq is self._stats_vq:
             self._stats_chain, self._stats_vq = None, None
+        if self._bitmap_req is not None and self._bitmap_req[0] is vq:
+            self._bitmap_req = None
 
     def reset(self) -> None:
         super().reset()
         self.roles = {}
         self._stats_chain = self._stats_vq = None
-        if self.hint_round is not None and self.hint_round.state != "done":
-            self.hint_round.state, self.hint_round.finished = "aborted", self.clock()
+        self._bitmap_req = self._bitmap_pending = None
+        self._abort_hint_round("reset")
+        if self.bitmap is not None:
+            self.bitmap.abort("reset", self.clock())
+            self._round_ended(self.bitmap.current)
         self.cmd_id = 0
         self.poison_val = 0
         # The balloon's contents survive a reset of the driver only in the driver's own
@@ -341,25 +383,62 @@ class Balloon(Device):
         self.notify(vq.index)
         return True
 
+    # rounds: free page hinting and the bitmap queue ----------------------------------------
+
+    def start_round(self, kind: str = "auto") -> "Round | HintRound":
+        """Ask the guest for its free pages.  ``kind``: "bitmap", "hint", or "auto" (the bitmap
+        queue if the driver acked it, else free page hinting).
+
+        The caller must already track dirty pages (shared/DESIGN.md, the correctness contract).
+        """
+        if kind == "auto":
+            kind = "bitmap" if "bitmap" in self.roles.values() else "hint"
+        if kind == "bitmap":
+            return self._start_bitmap_round()
+        if kind == "hint":
+            return self.start_hint_round()
+        raise ConfigError("round-kind", f"unknown round kind {kind!r} (bitmap, hint, auto)")
+
+    def _remember(self, r: "Round | HintRound") -> None:
+        self.rounds[r.id] = r
+        while len(self.rounds) > ROUNDS_KEPT:
+            del self.rounds[next(iter(self.rounds))]
+
+    def _round_ended(self, r: "Round | HintRound | None") -> None:
+        if r is not None and not r.active and r.finished_at is not None:
+            self.on_change("round", r)
+
+    def tick(self, now: float) -> None:
+        """Time-based rules, called periodically: idle bitmap rounds and stale hint rounds end."""
+        if self.bitmap is not None and self.bitmap.expire(now):
+            self._round_ended(self.bitmap.current)
+        r = self.hint_round
+        if r is not None and r.active and now - r.requested_at >= HINT_ROUND_TIMEOUT:
+            self._abort_hint_round("timeout")
+            self._set_cmd_id(C.VIRTIO_BALLOON_CMD_ID_DONE)
+
     # free page hinting (§5.5.6.4)
 
     def start_hint_round(self) -> HintRound:
-        if not self.has(C.VIRTIO_BALLOON_F_FREE_PAGE_HINT):
+        if not self.has(C.VIRTIO_BALLOON_F_FREE_PAGE_HINT) or self.mem is None:
             raise ConfigError("hint-not-negotiated", "the driver did not ack FREE_PAGE_HINT")
-        if self.hint_round is not None and self.hint_round.state in ("requested", "receiving"):
-            self.hint_round.state, self.hint_round.finished = "aborted", self.clock()
+        self._abort_hint_round("superseded")
         cmd_id = self._next_cmd_id
         self._next_cmd_id = HINT_CMD_ID_MIN if cmd_id == 0xFFFFFFFF else cmd_id + 1
-        self.hint_round = HintRound(cmd_id, started=self.clock())
+        self.hint_round = HintRound(cmd_id, FreePageMap(self.mem.ram_ranges), self.clock())
+        self._remember(self.hint_round)
         self._set_cmd_id(cmd_id)
         return self.hint_round
 
+    def _abort_hint_round(self, reason: str) -> None:
+        r = self.hint_round
+        if r is not None and r.active:
+            r.state, r.abort_reason, r.finished_at = "aborted", reason, self.clock()
+            self._round_ended(r)
+
     def finish_hint_round(self) -> None:
         """DONE: the device no longer needs the hinted pages; the driver frees them."""
-        r = self.hint_round
-        if r is not None and r.state != "done":
-            r.state = "done" if r.state == "stopped" else "aborted"
-            r.finished = r.finished or self.clock()
+        self._abort_hint_round("finished early")
         self._set_cmd_id(C.VIRTIO_BALLOON_CMD_ID_DONE)
 
     def _set_cmd_id(self, cmd_id: int) -> None:
@@ -380,29 +459,86 @@ class Balloon(Device):
                     (cmd,) = LE32.unpack(data)
                     if cmd == C.VIRTIO_BALLOON_CMD_ID_STOP:
                         if r is not None and r.state == "receiving":
-                            r.state, r.finished, stopped = "stopped", self.clock(), True
-                    elif r is not None and cmd == r.cmd_id and r.state == "requested":
+                            r.state, r.finished_at, stopped = "done", self.clock(), True
+                    elif r is not None and cmd == r.id and r.state == "requested":
                         r.state = "receiving"
                     else:
                         log.warning("hint-stale-id: queue %d: cmd id %#x is not the current "
                                     "round's; ignored", vq.index, cmd)
             elif chain.writable and not chain.readable:
-                if r is not None and r.state == "receiving" and self.cmd_id == r.cmd_id:
+                if r is not None and r.state == "receiving" and self.cmd_id == r.id:
                     for b in chain.writable:
                         # Hints are whole 4 KiB frames; a partial frame is not free.
-                        first = -(-b.addr // PAGE)
-                        last = (b.addr + b.len) // PAGE
+                        first, last = -(-b.addr // PAGE), (b.addr + b.len) // PAGE
                         if last > first:
-                            r.ranges.append((first, last - first))
+                            try:
+                                r.map.mark_free_range(first, last - first)
+                            except ConfigError as e:
+                                log.error("hint-outside-ram: queue %d: %s; ignored", vq.index, e)
+                                continue
+                            r.hints += 1
                             self.counters.hinted_bytes += (last - first) * PAGE
             else:
                 log.error("hint-mixed-buffers: queue %d chain %d mixes directions; ignored",
                           vq.index, chain.head)
             vq.push(chain, 0)
         if stopped:
-            self.on_change("hint")
-            # Nothing here keeps the pages past the round: release them to the guest now.
-            self.finish_hint_round()
+            assert r is not None
+            self._round_ended(r)
+            # Nothing here keeps the pages past the round (the map is ours): release them now.
+            self._set_cmd_id(C.VIRTIO_BALLOON_CMD_ID_DONE)
+
+    # the free-page-bitmap queue (protocol/bitmap-queue.md)
+
+    def _next_bitmap_id(self) -> int:
+        return max((r.id for r in self.rounds.values() if isinstance(r, Round)), default=0) + 1
+
+    def _start_bitmap_round(self) -> Round:
+        if "bitmap" not in self.roles.values() or self.bitmap is None:
+            raise ConfigError("bitmap-not-negotiated",
+                              "the driver did not ack VIRTIO_BALLOON_F_FREE_PAGE_BITMAP")
+        previous = self.bitmap.current
+        r = self.bitmap.request(self.clock())
+        self._round_ended(previous)
+        self._remember(r)
+        self._bitmap_pending = r
+        self._send_bitmap_request()
+        return r
+
+    def _send_bitmap_request(self) -> None:
+        if self._bitmap_pending is None or self._bitmap_req is None:
+            return       # sent when the driver posts its request buffer
+        (vq, chain), r = self._bitmap_req, self._bitmap_pending
+        self._bitmap_req = self._bitmap_pending = None
+        assert self.mem is not None
+        vq.push(chain, chain.write(self.mem, r.request))
+        self.notify(vq.index)
+
+    def _process_bitmap(self, vq: VirtQueue, mem: GuestMemory) -> None:
+        assert self.bitmap is not None
+        for chain in self._chains(vq, mem):
+            if chain.writable and not chain.readable:          # a request buffer (§4.1)
+                if sum(b.len for b in chain.writable) < C.VIRTIO_BALLOON_BITMAP_REQ_SIZE:
+                    log.error("bitmap-request-short: queue %d chain %d is shorter than a "
+                              "request; returned", vq.index, chain.head)
+                    vq.push(chain, 0)
+                elif self._bitmap_req is not None:
+                    log.error("bitmap-request-extra: queue %d: a second request buffer; "
+                              "the first is returned unused", vq.index)
+                    vq.push(self._bitmap_req[1], 0)
+                    self._bitmap_req = (vq, chain)
+                else:
+                    self._bitmap_req = (vq, chain)
+                continue
+            current = self.bitmap.current
+            verdict = self.bitmap.receive([mem.gpa_view(b.addr, b.len) for b in chain.readable],
+                                          sum(b.len for b in chain.writable), now=self.clock())
+            if not verdict.merged:
+                log.warning("%s: queue %d chain %d dropped", verdict.value, vq.index, chain.head)
+            vq.push(chain, 0)
+            if verdict is Verdict.DONE:
+                self._round_ended(current)
+        self._send_bitmap_request()
 
     # free page reporting (§5.5.6.5)
 

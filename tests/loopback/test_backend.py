@@ -34,8 +34,8 @@ async def until(cond, timeout=5.0):
 
 async def test_qemu_sequence_start_stop_start_close(server, sock_path, ram):
     fe = await Frontend.connect(sock_path)
-    await fe.init(5)
-    assert fe.queue_num == 5 and fe.protocol_features == 0x229
+    await fe.init(6)
+    assert fe.queue_num == 6 and fe.protocol_features == 0x229
     guest = BalloonGuest(fe, ram)
     await guest.probe()
     await guest.inflate(300)                    # the rings work
@@ -55,7 +55,7 @@ async def test_qemu_sequence_start_stop_start_close(server, sock_path, ram):
 async def test_kick_fd_already_signalled_at_set_vring_kick_is_harmless(server, sock_path, ram):
     # QEMU creates host notifiers already signalled: the first kick arrives on empty rings.
     fe = await Frontend.connect(sock_path)
-    await fe.init(5)
+    await fe.init(6)
     guest = BalloonGuest(fe, ram)
     for q in guest.queues.values():
         q.kick()
@@ -71,7 +71,7 @@ async def test_kick_fd_already_signalled_at_set_vring_kick_is_harmless(server, s
 async def test_daemon_serves_the_next_front_end_after_each_exit(server, sock_path, ram):
     for _ in range(3):
         fe = await Frontend.connect(sock_path)
-        await fe.init(5)
+        await fe.init(6)
         guest = BalloonGuest(fe, ram)
         await guest.probe()
         await guest.inflate(10)
@@ -88,7 +88,7 @@ async def test_no_fd_leaks_over_200_connect_disconnect_cycles(sock_path):
 
     async def cycle(full):
         fe = await Frontend.connect(sock_path)
-        await fe.init(5)
+        await fe.init(6)
         guest = None
         if full:
             guest = BalloonGuest(fe, ram, driver_bytes=1 << 20)
@@ -110,7 +110,7 @@ async def test_no_fd_leaks_over_200_connect_disconnect_cycles(sock_path):
 
 async def test_second_front_end_is_refused_while_one_is_served(server, sock_path, caplog):
     fe = await Frontend.connect(sock_path)
-    await fe.init(5)
+    await fe.init(6)
     other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     other.setblocking(False)
     loop = asyncio.get_running_loop()
@@ -124,12 +124,12 @@ async def test_second_front_end_is_refused_while_one_is_served(server, sock_path
 
 async def test_disconnect_in_the_middle_of_a_message(server, sock_path):
     fe = await Frontend.connect(sock_path)
-    await fe.init(5)
+    await fe.init(6)
     fe.sock.send(HEADER.pack(C.VHOST_USER_SET_FEATURES, V1, 8) + b"\0\0")   # 2 of 8 bytes
     await fe.close()
     await until(lambda: server.connection is None)
     fe2 = await Frontend.connect(sock_path)
-    await fe2.init(5)
+    await fe2.init(6)
     await fe2.close()
 
 
@@ -143,7 +143,7 @@ async def test_framing_error_closes_the_connection_and_the_daemon_goes_on(
     assert "closing the connection" in caplog.text
     await fe.close()
     fe2 = await Frontend.connect(sock_path)
-    await fe2.init(5)
+    await fe2.init(6)
     await fe2.close()
 
 
@@ -162,7 +162,7 @@ async def test_too_many_fds_are_refused_and_closed(server, sock_path, caplog):
 
 async def test_config_change_is_announced_only_once_the_driver_runs(server, sock_path, ram):
     fe = await Frontend.connect(sock_path)
-    await fe.init(5)
+    await fe.init(6)
     server.device.set_target(16)                 # before DRIVER_OK: not announced
     guest = BalloonGuest(fe, ram)
     await guest.probe()
@@ -177,7 +177,7 @@ async def test_config_change_is_announced_only_once_the_driver_runs(server, sock
 
 async def test_mem_table_again_while_rings_run(server, sock_path, ram):
     fe = await Frontend.connect(sock_path)
-    await fe.init(5)
+    await fe.init(6)
     guest = BalloonGuest(fe, ram)
     await guest.probe()
     await guest.inflate(10)
@@ -190,7 +190,7 @@ async def test_mem_table_again_while_rings_run(server, sock_path, ram):
 
 async def test_broken_queue_signals_err_and_the_others_keep_working(server, sock_path, ram):
     fe = await Frontend.connect(sock_path)
-    await fe.init(5)
+    await fe.init(6)
     guest = BalloonGuest(fe, ram)
     await guest.probe()
     q = guest.queues["deflate"]
@@ -207,7 +207,7 @@ async def test_broken_queue_signals_err_and_the_others_keep_working(server, sock
 
 async def test_get_vring_base_stops_the_ring(server, sock_path, ram):
     fe = await Frontend.connect(sock_path)
-    await fe.init(5)
+    await fe.init(6)
     guest = BalloonGuest(fe, ram)
     await guest.probe()
     reply = await fe.call(C.VHOST_USER_GET_VRING_BASE, VRING_STATE.pack(0, 0))
@@ -223,7 +223,7 @@ async def test_get_vring_base_stops_the_ring(server, sock_path, ram):
 
 async def test_reply_ack_acknowledges_each_request(server, sock_path):
     fe = await Frontend.connect(sock_path)
-    await fe.init(5)
+    await fe.init(6)
     await fe.write(C.VHOST_USER_SET_VRING_NUM, VRING_STATE.pack(0, 64))
     with pytest.raises(Exception, match="failed"):
         await fe.write(C.VHOST_USER_SET_VRING_NUM, VRING_STATE.pack(9, 64))

@@ -115,17 +115,20 @@ async def test_free_page_hint_round_records_hints_and_discards_nothing(rig):
     blocks = [(16 * MiB, 4 * MiB), (70 * MiB, 4 * MiB)]
     touch(ram, [b // PAGE for b, n in blocks for b in range(b, b + n, PAGE)])
     before = ram.allocated_bytes
-    r = device.start_hint_round()
+    ended = []
+    device.on_change = lambda *what: ended.append(what)
+    r = device.start_round("hint")
     await guest.fe.wait_config_change()
     num_pages, actual, cmd_id, _ = await guest.config()
-    assert cmd_id == r.cmd_id >= 0x80000000
+    assert cmd_id == r.id >= 0x80000000
     await guest.hint(cmd_id, blocks)
-    assert r.state == "done"
-    assert r.ranges == [(16 * MiB // PAGE, 1024), (70 * MiB // PAGE, 1024)]
+    assert r.state == "done" and ("round", r) in ended
+    assert r.map.ranges().tolist() == [[16 * MiB // PAGE, 1024], [70 * MiB // PAGE, 1024]]
+    assert r.map.covered_pages() == 2048 and r.hints == 2
     assert (await guest.config())[2] == C.VIRTIO_BALLOON_CMD_ID_DONE
     assert ram.allocated_bytes == before              # hinted pages are never discarded
     r2 = device.start_hint_round()
-    assert r2.cmd_id == r.cmd_id + 1
+    assert r2.id == r.id + 1
 
 
 async def test_hint_with_an_id_never_issued_is_ignored(rig, caplog):
@@ -133,7 +136,7 @@ async def test_hint_with_an_id_never_issued_is_ignored(rig, caplog):
     r = device.start_hint_round()
     await guest.hint(0x1234, [(16 * MiB, 4 * MiB)])
     assert "hint-stale-id" in caplog.text
-    assert r.ranges == [] and r.state == "requested"
+    assert r.map.free_pages() == 0 and r.state == "requested"
 
 
 async def test_free_page_reporting_discards_reported_pages(rig):

@@ -131,7 +131,7 @@ def test_get_queue_num_answers_the_device_maximum(h):
     h.negotiate()
     value = U64.unpack(h.reply_payload(h.send(C.VHOST_USER_GET_QUEUE_NUM),
                                        C.VHOST_USER_GET_QUEUE_NUM))[0]
-    assert value == h.device.max_queues() == 5
+    assert value == h.device.max_queues() == 6
 
 
 def test_get_queue_num_without_mq_closes(h):

@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..balloon import FEATURE_NAMES
+from ..scanner import BuddyModel, respond
 from ..wire import BALLOON_CONFIG, BALLOON_STAT, C, LE32
 from .driver import DriverQueue, GuestRam
 from .frontend import Frontend
@@ -30,7 +31,7 @@ TRANSPORT_BITS = (C.VIRTIO_F_VERSION_1, C.VIRTIO_RING_F_EVENT_IDX, C.VIRTIO_RING
 class BalloonGuest:
     def __init__(self, frontend: Frontend, ram: GuestRam, *,
                  features: Iterable[str] | None = None, queue_size: int = 64,
-                 driver_bytes: int = 4 << 20) -> None:
+                 driver_bytes: int = 4 << 20, driver_at: int | None = None) -> None:
         self.fe, self.ram = frontend, ram
         wanted = FEATURE_NAMES.keys() if features is None else features
         self.wanted = sum(1 << FEATURE_NAMES[n] for n in wanted) \
@@ -42,15 +43,20 @@ class BalloonGuest:
         self.poison_val = 0
         self.ballooned: list[int] = []            # pfns in the balloon, in inflate order
         region0 = ram.regions[0]
-        # driver memory: the first ``driver_bytes`` of region 0; pages: everything else
-        ram.driver_limit = region0.guest_phys_addr + driver_bytes
-        self.pool = self._ram_pfns(region0.guest_phys_addr + driver_bytes)
+        # driver memory: ``driver_bytes`` at ``driver_at`` (default: the start of region 0);
+        # balloon pages: every page above it
+        start = region0.guest_phys_addr if driver_at is None else driver_at
+        ram._next = max(ram._next, start)
+        ram.driver_limit = start + driver_bytes
+        self.pool = self._ram_pfns(start + driver_bytes)
         self.stats_values = {C.VIRTIO_BALLOON_S_MEMFREE: ram.size // 2,
                              C.VIRTIO_BALLOON_S_MEMTOT: ram.size}
         self._stats_buf = 0
         self.stats_requests = 0
         self._pfn_buf = ram.alloc(4 * PFNS_PER_BUFFER, 4)    # vb->pfns, reused per buffer
         self._cmd_bufs = [ram.alloc(4, 4), ram.alloc(4, 4)]  # cmd_id_active, cmd_id_stop
+        self._bitmap_req_buf = 0
+        self._chunk_buf = 0
 
     def _ram_pfns(self, skip_below: int) -> list[int]:
         pfns: list[int] = []
@@ -73,7 +79,8 @@ class BalloonGuest:
         roles = ["inflate", "deflate"]
         for bit, role in ((C.VIRTIO_BALLOON_F_STATS_VQ, "stats"),
                           (C.VIRTIO_BALLOON_F_FREE_PAGE_HINT, "hint"),
-                          (C.VIRTIO_BALLOON_F_PAGE_REPORTING, "reporting")):
+                          (C.VIRTIO_BALLOON_F_PAGE_REPORTING, "reporting"),
+                          (C.VIRTIO_BALLOON_F_FREE_PAGE_BITMAP, "bitmap")):
             if self.has(bit):
                 roles.append(role)
         ev, ind = self.has(C.VIRTIO_RING_F_EVENT_IDX), self.has(C.VIRTIO_RING_F_INDIRECT_DESC)
@@ -88,6 +95,10 @@ class BalloonGuest:
             self._stats_buf = self._stats_buf or self.ram.alloc(
                 BALLOON_STAT.size * C.VIRTIO_BALLOON_S_NR, 8)
             self._post_stats()
+        if "bitmap" in self.queues:
+            self._bitmap_req_buf = self._bitmap_req_buf or self.ram.alloc(
+                C.VIRTIO_BALLOON_BITMAP_REQ_SIZE, 8)
+            self.post_bitmap_request()
 
     async def config(self) -> tuple[int, int, int, int]:
         return tuple(BALLOON_CONFIG.unpack(await self.fe.get_config(BALLOON_CONFIG.size)))
@@ -177,6 +188,39 @@ class BalloonGuest:
         buf = self._cmd_bufs[which]
         self.ram.at(buf, 4)[:] = LE32.pack(value)
         q.add([(buf, 4, False)])
+
+    # -- the free-page-bitmap queue (protocol/bitmap-queue.md) --------------------------------
+
+    def post_bitmap_request(self) -> None:
+        """Post the device-writable request buffer the device answers a round with (§4.1)."""
+        q = self.queues["bitmap"]
+        q.add([(self._bitmap_req_buf, C.VIRTIO_BALLOON_BITMAP_REQ_SIZE, True)])
+        q.kick()
+
+    async def answer_bitmap_request(self, model: BuddyModel, timeout: float = 10.0) -> int:
+        """Wait for a request, scan ``model`` and send the chunks, one chain at a time, each
+        waited for (as the seed's driver did); then post the request buffer again.
+        Returns the number of chunks sent."""
+        q = self.queues["bitmap"]
+        await q.wait_used(1, timeout)
+        request = bytes(self.ram.at(self._bitmap_req_buf, C.VIRTIO_BALLOON_BITMAP_REQ_SIZE))
+        if not self._chunk_buf:
+            self._chunk_buf = self.ram.alloc(
+                C.VIRTIO_BALLOON_BITMAP_CHUNK_HDR_SIZE
+                + C.VIRTIO_BALLOON_BITMAP_MAX_BMAPS * C.VIRTIO_BALLOON_BITMAP_BMAP_BYTES, 64)
+        sent = 0
+        for chunk in respond(model, request):
+            bufs, at = [], self._chunk_buf
+            for data in chunk.buffers():
+                self.ram.at(at, len(data))[:] = data
+                bufs.append((at, len(data), False))
+                at += len(data)
+            q.add(bufs)
+            q.kick()
+            await q.wait_used(1, timeout)
+            sent += 1
+        self.post_bitmap_request()
+        return sent
 
     # -- the driver's main loop ------------------------------------------------------------
 
