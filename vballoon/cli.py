@@ -23,9 +23,20 @@ def _features(pairs: list[str]) -> list[str]:
     return [n for n, v in on.items() if v]
 
 
+def parse_size(text: str) -> int:
+    """``4096``, ``64K``, ``8G``, ``1T`` -> bytes (binary units)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        return int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
+    except ValueError:
+        raise ConfigError("bad-size", f"{text!r} is not a size (e.g. 4096, 512M, 8G)") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vballoon", description=__doc__)
-    p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    p.add_argument("--log-level", choices=LOG_LEVELS,
+                   help="default: info for serve, warning for demo and ctl")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the vhost-user balloon back-end",
@@ -38,13 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stats-interval", type=float, default=5.0, metavar="SECONDS",
                    help="how often to ask the guest for fresh statistics (0: never)")
 
-    sub.add_parser("demo", help="run the daemon against the loopback front-end and guest")
+    d = sub.add_parser("demo", help="the daemon, a simulated guest and one free-page round, "
+                       "over the loopback front-end (no QEMU needed)",
+                       description="Start the daemon, attach the loopback front-end (real "
+                       "vhost-user, memfd guest RAM, eventfds) and a simulated guest whose "
+                       "memory looks like a machine after a memory-hungry workload exited; run "
+                       "one free-page-bitmap round, print a summary, write the map to a file.")
+    d.add_argument("--memory", default="8G", metavar="SIZE",
+                   help="guest RAM, e.g. 8G or 64G (sparse: costs no host memory; default 8G)")
+    d.add_argument("--seed", type=int, default=2, help="seed of the simulated guest's layout")
+    d.add_argument("--out", default="vballoon-demo", metavar="DIR",
+                   help="where the map (and its picture) are written (default ./vballoon-demo)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
+    level = args.log_level or ("info" if args.command == "serve" else "warning")
+    logging.basicConfig(level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
@@ -53,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                               stats_interval=args.stats_interval))
         elif args.command == "demo":
             from .demo import run_demo
-            return asyncio.run(run_demo())
+            return asyncio.run(run_demo(args.memory, seed=args.seed, out=args.out))
     except ConfigError as e:
         print(f"vballoon: error: {e}", file=sys.stderr)
         return 2
