@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+from ._fastbits import lib as _lib
 from .errors import GuestError
 from .memory import GuestMemory
 from .wire import AVAIL, C, DESC, LE16, USED, USED_ELEM
@@ -138,11 +139,19 @@ class VirtQueue:
             raise GuestError("vring-not-ready", f"queue {self.index} is not set up")
         idx = _LE16.unpack_from(avail, 2)[0]
         pending = (idx - self.last_avail_idx) & 0xFFFF
+        if pending == 0 and self.event_idx:
+            # avail_event (written at each pop) must be visible before avail idx is read again,
+            # or a buffer added meanwhile is neither seen nor kicked (Linux vhost: smp_mb()).
+            _LE16.pack_into(self._used, USED_RING + USED_ELEM.size * self.num, self.last_avail_idx)
+            _lib.fb_mb()
+            idx = _LE16.unpack_from(avail, 2)[0]
+            pending = (idx - self.last_avail_idx) & 0xFFFF
         if pending == 0:
             return None
         if pending > self.num:
             raise GuestError("avail-idx-jump", f"queue {self.index}: avail idx {idx} is "
                              f"{pending} ahead of {self.last_avail_idx}, more than size {self.num}")
+        _lib.fb_rmb()            # read the ring entry only after the idx that published it
         head = _LE16.unpack_from(avail, AVAIL_RING + 2 * (self.last_avail_idx % self.num))[0]
         chain = Chain(head, list(self._walk(mem, head)))
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
@@ -218,7 +227,7 @@ class VirtQueue:
         _ELEM.pack_into(used, USED_RING + USED_ELEM.size * (self.used_idx % self.num), head,
                         written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        # x86 keeps stores in order; the element is visible before the idx that publishes it.
+        _lib.fb_wmb()            # the element is visible before the idx that publishes it
         _LE16.pack_into(used, 2, self.used_idx)
 
     def should_notify(self) -> bool:
