@@ -295,3 +295,14 @@ def test_message_after_close_is_refused(h):
     h.s.close()
     with pytest.raises(FrontendError, match="session-closed"):
         h.send(C.VHOST_USER_GET_FEATURES)
+
+
+def test_reset_owner_stops_and_disables_every_ring(h):
+    h.negotiate()
+    h.send(C.VHOST_USER_SET_FEATURES, U64.pack(1 << 32 | F_PROTOCOL_FEATURES))
+    h.send(C.VHOST_USER_SET_VRING_ENABLE, VRING_STATE.pack(0, 1))
+    kick = eventfd()
+    h.send(C.VHOST_USER_SET_VRING_KICK, U64.pack(0), [kick])
+    assert h.ack(C.VHOST_USER_RESET_OWNER) == 0
+    assert not h.s.rings[0].enabled and h.s.rings[0].kick_fd is None and not h.s.features_set
+    assert not is_open(kick)
