@@ -24,7 +24,7 @@ import numpy as np
 
 from vballoon.balloon import Balloon
 from vballoon.loopback import Frontend, GuestRam
-from vballoon.loopback.guest import BalloonGuest
+from vballoon.loopback.guest import BalloonGuest, PagePool
 from vballoon.transport import Server
 
 PAGE = 4096
@@ -65,7 +65,7 @@ async def daemon_inflate(size: int, scattered: bool, per_page: bool = False
     pool = guest.pool[:npages]
     if scattered:
         random.Random(1).shuffle(pool)
-    guest.pool = pool
+    guest.pool = PagePool(pages=pool)
     populate(ram.mm)
     before = ram.allocated_bytes
     t = time.perf_counter()

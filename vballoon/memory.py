@@ -98,9 +98,10 @@ class GuestMemory:
 
     def __init__(self, regions: Sequence[Region] = ()) -> None:
         self.regions = sorted(regions, key=lambda r: r.gpa)
-        self._gpa_starts = [r.gpa for r in self.regions]
         self._by_uva = sorted(self.regions, key=lambda r: r.uva)
-        self._uva_starts = [r.uva for r in self._by_uva]
+        # per address space: sorted starts, and ends, for the lookup (hot: once per descriptor)
+        self._gpa = ([r.gpa for r in self.regions], [r.gpa + r.size for r in self.regions])
+        self._uva = ([r.uva for r in self._by_uva], [r.uva + r.size for r in self._by_uva])
 
     @classmethod
     def map(cls, specs: Sequence[RegionSpec], fds: Sequence[int]) -> "GuestMemory":
@@ -124,40 +125,38 @@ class GuestMemory:
     def close(self) -> None:
         for r in self.regions:
             _unmap(r)
-        self.regions = []
-        self._gpa_starts, self._by_uva, self._uva_starts = [], [], []
+        self.regions, self._by_uva = [], []
+        self._gpa = self._uva = ([], [])
 
     # -- the one checked access path ------------------------------------------------------
 
-    def _find(self, starts: list[int], regions: list[Region], addr: int, length: int,
-              base_of: str, kind: str) -> tuple[Region, int]:
-        if length < 0 or addr < 0 or addr + length - 1 > U64_MAX:
-            raise GuestMemoryError("addr-overflow", f"{kind} {addr:#x}+{length:#x} overflows")
+    @staticmethod
+    def _lookup(space: tuple[list[int], list[int]], addr: int, length: int, kind: str) -> int:
+        """Index of the region holding all of ``[addr, addr+length)``, or GuestMemoryError.
+
+        Region ends are below 2^64 (validate_table), so ``addr + length <= end`` also rules
+        out ranges that overflow 64 bits."""
+        starts, ends = space
         i = bisect.bisect_right(starts, addr) - 1
-        if i >= 0:
-            r = regions[i]
-            off = addr - getattr(r, base_of)
-            if off + length <= r.size:
-                return r, off
+        if i >= 0 and length >= 0 and addr + length <= ends[i]:
+            return i
         raise GuestMemoryError("addr-outside-memory",
                                f"{kind} range {addr:#x}+{length:#x} is not inside one region")
 
     def gpa_view(self, gpa: int, length: int) -> memoryview:
         """A writable view of guest-physical ``[gpa, gpa+length)``, or GuestMemoryError."""
-        r, off = self._find(self._gpa_starts, self.regions, gpa, length, "gpa", "guest-physical")
-        return r.view[r.base + off:r.base + off + length]
+        r = self.regions[self._lookup(self._gpa, gpa, length, "guest-physical")]
+        o = r.base + gpa - r.gpa
+        return r.view[o:o + length]
 
     def uva_view(self, uva: int, length: int) -> memoryview:
         """A writable view of front-end virtual ``[uva, uva+length)``, or GuestMemoryError."""
-        r, off = self._find(self._uva_starts, self._by_uva, uva, length, "uva", "front-end virtual")
-        return r.view[r.base + off:r.base + off + length]
+        r = self._by_uva[self._lookup(self._uva, uva, length, "front-end virtual")]
+        o = r.base + uva - r.uva
+        return r.view[o:o + length]
 
     def check_gpa(self, gpa: int, length: int) -> None:
-        self._find(self._gpa_starts, self.regions, gpa, length, "gpa", "guest-physical")
-
-    def locate(self, gpa: int, length: int) -> tuple[Region, int]:
-        """The region holding ``[gpa, gpa+length)`` and the offset of ``gpa`` in it."""
-        return self._find(self._gpa_starts, self.regions, gpa, length, "gpa", "guest-physical")
+        self._lookup(self._gpa, gpa, length, "guest-physical")
 
     @property
     def ram_ranges(self) -> list[tuple[int, int]]:

@@ -12,8 +12,7 @@ name; the session then marks the queue broken (it stays so until the front-end s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
-
+from typing import NamedTuple
 from ._fastbits import lib as _lib
 from .errors import GuestError
 from .memory import GuestMemory
@@ -36,8 +35,7 @@ def used_size(num: int) -> int:
     return USED_RING + USED_ELEM.size * num + 2   # flags, idx, ring[num], avail_event
 
 
-@dataclass(frozen=True, slots=True)
-class Buffer:
+class Buffer(NamedTuple):
     """One descriptor of a chain: guest-physical address, length, device-writable?"""
 
     addr: int
@@ -153,16 +151,18 @@ class VirtQueue:
                              f"{pending} ahead of {self.last_avail_idx}, more than size {self.num}")
         _lib.fb_rmb()            # read the ring entry only after the idx that published it
         head = _LE16.unpack_from(avail, AVAIL_RING + 2 * (self.last_avail_idx % self.num))[0]
-        chain = Chain(head, list(self._walk(mem, head)))
+        chain = Chain(head, self._walk(mem, head))
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         self.inflight.append(head)
         if self.event_idx:   # ask for a kick as soon as the driver adds past this one
             _LE16.pack_into(self._used, USED_RING + USED_ELEM.size * self.num, self.last_avail_idx)
         return chain
 
-    def _walk(self, mem: GuestMemory, head: int) -> Iterator[Buffer]:
+    def _walk(self, mem: GuestMemory, head: int) -> list[Buffer]:
         """Descriptors of the chain at ``head`` (§2.7.5 and §2.7.5.3), bounded and checked."""
         table, size = self._desc, self.num
+        out: list[Buffer] = []
+        check = mem.check_gpa
         if head >= size:
             raise GuestError("desc-head-out-of-range",
                              f"queue {self.index}: head {head} >= size {size}")
@@ -202,10 +202,10 @@ class VirtQueue:
             if total > MAX_CHAIN_BYTES:
                 raise GuestError("chain-too-long", f"queue {self.index}: chain at {head} is "
                                  f"longer than 2^32 bytes")
-            mem.check_gpa(addr, length)
-            yield Buffer(addr, length, write)
+            check(addr, length)
+            out.append(Buffer(addr, length, write))
             if not flags & C.VRING_DESC_F_NEXT:
-                return
+                return out
             if nxt >= size:
                 raise GuestError("desc-next-out-of-range",
                                  f"queue {self.index}: next {nxt} >= table size {size}")

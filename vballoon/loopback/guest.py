@@ -28,6 +28,50 @@ REPORT_CAPACITY = 32           # PAGE_REPORTING_CAPACITY
 TRANSPORT_BITS = (C.VIRTIO_F_VERSION_1, C.VIRTIO_RING_F_EVENT_IDX, C.VIRTIO_RING_F_INDIRECT_DESC)
 
 
+class PagePool:
+    """Pages the guest can give to the balloon, in the order it gives them: pages deflated
+    back first (most recent first), then RAM from the top down, as the buddy allocator hands
+    out high pages first.  RAM is held as ranges, so a 1 TiB guest costs nothing up front."""
+
+    def __init__(self, ranges: Sequence[range] = (), pages: Sequence[int] = ()) -> None:
+        self._front = list(pages)[::-1]      # explicit pages, the next one last
+        self._ranges = [r for r in ranges if len(r)]
+
+    def take(self, n: int) -> list[int]:
+        """Remove and return the next ``n`` pages (fewer if the pool runs out)."""
+        out = self[:n]
+        k = min(len(out), len(self._front))
+        if k:
+            del self._front[-k:]
+        rest = len(out) - k
+        while rest:
+            r = self._ranges[0]
+            if rest >= len(r):
+                rest -= len(r)
+                self._ranges.pop(0)
+            else:
+                self._ranges[0], rest = r[rest:], 0
+        return out
+
+    def __getitem__(self, sl: slice | int):
+        if isinstance(sl, int):
+            return self[sl:sl + 1][0]
+        assert sl.start in (None, 0) and sl.step is None, "pools are read from the front"
+        n = sl.stop
+        out = self._front[::-1][:n]
+        for r in self._ranges:
+            if len(out) >= n:
+                break
+            out.extend(r[:n - len(out)])
+        return out
+
+    def give(self, pfns: Sequence[int]) -> None:
+        self._front.extend(reversed(pfns))
+
+    def __len__(self) -> int:
+        return len(self._front) + sum(len(r) for r in self._ranges)
+
+
 class BalloonGuest:
     def __init__(self, frontend: Frontend, ram: GuestRam, *,
                  features: Iterable[str] | None = None, queue_size: int = 64,
@@ -48,7 +92,7 @@ class BalloonGuest:
         start = region0.guest_phys_addr if driver_at is None else driver_at
         ram._next = max(ram._next, start)
         ram.driver_limit = start + driver_bytes
-        self.pool = self._ram_pfns(start + driver_bytes)
+        self.pool = PagePool(self._ram_ranges(start + driver_bytes))
         self.stats_values = {C.VIRTIO_BALLOON_S_MEMFREE: ram.size // 2,
                              C.VIRTIO_BALLOON_S_MEMTOT: ram.size}
         self._stats_buf = 0
@@ -58,13 +102,15 @@ class BalloonGuest:
         self._bitmap_req_buf = 0
         self._chunk_buf = 0
 
-    def _ram_pfns(self, skip_below: int) -> list[int]:
-        pfns: list[int] = []
-        for r in self.ram.regions:
+    def _ram_ranges(self, skip_below: int) -> list[range]:
+        """RAM pages above ``skip_below``, highest first."""
+        out = []
+        for r in reversed(self.ram.regions):
             lo = max(r.guest_phys_addr, skip_below) // PAGE
             hi = (r.guest_phys_addr + r.memory_size) // PAGE
-            pfns.extend(range(hi - 1, lo - 1, -1))   # high pfns first, as the buddy hands out
-        return pfns
+            if hi > lo:
+                out.append(range(hi - 1, lo - 1, -1))
+        return out
 
     def has(self, bit: int) -> bool:
         return bool(self.acked >> bit & 1)
@@ -121,8 +167,7 @@ class BalloonGuest:
             await q.wait_used(1)
 
     async def inflate(self, npages: int) -> list[int]:
-        pfns = self.pool[:npages]
-        del self.pool[:npages]
+        pfns = self.pool.take(npages)
         await self._send_pfns("inflate", pfns)
         self.ballooned.extend(pfns)
         self.actual += len(pfns)
@@ -132,7 +177,7 @@ class BalloonGuest:
     async def deflate(self, npages: int) -> list[int]:
         pfns = [self.ballooned.pop() for _ in range(min(npages, len(self.ballooned)))]
         await self._send_pfns("deflate", pfns)
-        self.pool[:0] = pfns
+        self.pool.give(pfns)
         self.actual -= len(pfns)
         await self.write_config()
         return pfns
