@@ -2,18 +2,13 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
+from vbtest import open_fds
 
 from vballoon.balloon import Balloon
 from vballoon.loopback import Frontend, GuestRam
-from vballoon.memory import GuestMemory
 from vballoon.transport import Server
-
-
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture
@@ -60,11 +55,3 @@ def ram():
     r.close()
 
 
-def mapped(ram: GuestRam) -> GuestMemory:
-    """The daemon's view of ``ram``, as SET_MEM_TABLE would build it."""
-    return GuestMemory.map(ram.regions, [os.dup(ram.fd) for _ in ram.regions])
-
-
-def socketpair():
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    return a, b

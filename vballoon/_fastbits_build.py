@@ -1,5 +1,4 @@
-"""cffi (API mode) build of ``vballoon._fastbits``: the free-page map's bit kernels, and the
-memory barriers the virtqueue needs.
+"""cffi (API mode) build of ``vballoon._fastbits``: the free-page map's bit kernels.
 
 Built by ``pip install -e .`` through ``setup.py`` (``cffi_modules``).  Callers are
 :mod:`vballoon.fpmap`; nothing else should need these.
@@ -21,9 +20,6 @@ int fb_fill(uint64_t *map, size_t nwords, uint64_t lo, uint64_t hi, int value);
 int64_t fb_popcount(const uint64_t *map, size_t nwords, uint64_t lo, uint64_t hi);
 int64_t fb_runs(const uint64_t *map, size_t nwords, uint64_t lo, uint64_t hi,
                 uint64_t *out, size_t cap, uint64_t *next);
-void fb_mb(void);
-void fb_rmb(void);
-void fb_wmb(void);
 """
 
 SOURCE = r"""
@@ -238,12 +234,6 @@ full:                               /* m is even here: every start written has i
         out[j + 1] -= out[j];
     return (int64_t)(m / 2);
 }
-
-/* Memory barriers for the virtqueue, which shares rings with a guest running on other CPUs
-   (Linux: virt_mb / virt_rmb / virt_wmb).  Python has no fences of its own. */
-void fb_mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-void fb_rmb(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
-void fb_wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
 """
 
 ffibuilder = FFI()

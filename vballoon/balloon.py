@@ -357,6 +357,7 @@ class Balloon(Device):
                 self._stats_chain = None
                 continue
             self._parse_stats(chain.read(mem, limit=4096))
+            chain.forget_hosts()
             self._stats_chain, self._stats_vq = chain, vq
 
     def _parse_stats(self, data: bytes) -> None:
@@ -517,8 +518,8 @@ class Balloon(Device):
     def _process_bitmap(self, vq: VirtQueue, mem: GuestMemory) -> None:
         assert self.bitmap is not None
         for chain in self._chains(vq, mem):
-            if chain.writable and not chain.readable:          # a request buffer (§4.1)
-                if sum(b.len for b in chain.writable) < C.VIRTIO_BALLOON_BITMAP_REQ_SIZE:
+            if chain.nread == 0:                                # a request buffer (§4.1)
+                if sum(chain.lens) < C.VIRTIO_BALLOON_BITMAP_REQ_SIZE:
                     log.error("bitmap-request-short: queue %d chain %d is shorter than a "
                               "request; returned", vq.index, chain.head)
                     vq.push(chain, 0)
@@ -526,13 +527,16 @@ class Balloon(Device):
                     log.error("bitmap-request-extra: queue %d: a second request buffer; "
                               "the first is returned unused", vq.index)
                     vq.push(self._bitmap_req[1], 0)
+                    chain.forget_hosts()
                     self._bitmap_req = (vq, chain)
                 else:
+                    chain.forget_hosts()
                     self._bitmap_req = (vq, chain)
                 continue
             current = self.bitmap.current
-            verdict = self.bitmap.receive([mem.gpa_view(b.addr, b.len) for b in chain.readable],
-                                          sum(b.len for b in chain.writable), now=self.clock())
+            ptrs, lens, n = chain.read_spans()
+            verdict = self.bitmap.receive_spans(ptrs, lens, n, sum(chain.lens[n:]),
+                                                now=self.clock())
             if not verdict.merged:
                 log.warning("%s: queue %d chain %d dropped", verdict.value, vq.index, chain.head)
             vq.push(chain, 0)

@@ -190,12 +190,13 @@ class FreePageMap:
             raise ConfigError("fpmap-short-buffer", f"{nbits} bits asked for, the buffer holds "
                               f"{8 * sum(lens)}")
         self._check_range(start_pfn, nbits)
-        self._or_spans(start_pfn, srcs, lens, nbits)
+        self._or_spans(start_pfn, ffi.new("uint8_t *[]", srcs), ffi.new("size_t[]", lens),
+                       len(srcs), nbits)
 
-    def _or_spans(self, start_pfn: int, srcs: list[Any], lens: list[int], nbits: int) -> None:
-        """The merge itself; the caller checked the window and that the spans hold nbits."""
-        if lib.fb_or(self._free_p, self.nwords, ffi.new("uint8_t *[]", srcs),
-                     ffi.new("size_t[]", lens), len(srcs), start_pfn, nbits):
+    def _or_spans(self, start_pfn: int, srcs: Any, lens: Any, n: int, nbits: int) -> None:
+        """The merge itself: ``n`` spans as cffi ``uint8_t *[]`` / ``size_t[]`` arrays; the
+        caller checked the window and that the spans hold ``nbits``."""
+        if lib.fb_or(self._free_p, self.nwords, srcs, lens, n, start_pfn, nbits):
             raise ConfigError("fpmap-range", "fb_or refused the window")  # pragma: no cover
         self._clear_holes(self._free_p, start_pfn, start_pfn + nbits)
         self._cover(start_pfn, start_pfn + nbits)
@@ -465,7 +466,19 @@ class BitmapRounds:
             spans = [ffi.from_buffer("uint8_t[]", b) for b in readable]
         except (TypeError, ValueError, BufferError) as e:
             raise ConfigError("fpmap-buffer", f"chain buffers must be contiguous: {e}") from None
-        verdict, hdr = self._check(spans, writable_len)
+        return self.receive_spans(ffi.new("uint8_t *[]", spans),
+                                  ffi.new("size_t[]", [len(p) for p in spans]), len(spans),
+                                  writable_len, now=now)
+
+    def receive_spans(self, ptrs: Any, lens: Any, n: int, writable_len: int = 0, *,
+                      now: float) -> Verdict:
+        """:meth:`receive` for ``n`` readable buffers given as cffi arrays: ``uint8_t *[]``
+        pointers and ``size_t[]`` lengths, which this call may adjust.
+
+        The device's path: its chain walk has already checked that each ``lens[i]`` bytes at
+        ``ptrs[i]`` lie in guest memory, and hands them over without a memoryview each.
+        """
+        verdict, hdr = self._check(ptrs, lens, n, writable_len)
         rnd = self.current
         if not verdict.merged:
             self.dropped[verdict] += 1
@@ -473,7 +486,7 @@ class BitmapRounds:
                 rnd.dropped[verdict] += 1
             return verdict
         assert rnd is not None and hdr is not None
-        self._merge(rnd.map, spans, hdr.start_pfn, hdr.nr_pfns)
+        self._merge(rnd.map, ptrs, lens, n, hdr.start_pfn, hdr.nr_pfns)
         rnd.chunks += 1
         rnd.last_activity = now
         if verdict is Verdict.DONE:
@@ -482,15 +495,17 @@ class BitmapRounds:
             rnd.state = RoundState.RECEIVING
         return verdict
 
-    def _check(self, spans: list[Any], writable_len: int) -> tuple[Verdict, Any]:
+    def _check(self, ptrs: Any, lens: Any, n: int,
+               writable_len: int) -> tuple[Verdict, Any]:
         if writable_len:
             return Verdict.WRITABLE, None
-        total = sum(len(p) for p in spans)
+        sizes = ffi.unpack(lens, n)
+        total = sum(sizes)
         if total < HDR_SIZE:
             return Verdict.SHORT_HEADER, None
         head = b""
-        for p in spans:                      # one copy: the guest may rewrite it meanwhile
-            head += ffi.buffer(p)[:HDR_SIZE - len(head)]
+        for i, size in enumerate(sizes):     # one copy: the guest may rewrite it meanwhile
+            head += ffi.buffer(ptrs[i], min(size, HDR_SIZE - len(head)))[:]
             if len(head) == HDR_SIZE:
                 break
         hdr = CHUNK_HEADER.unpack(head)
@@ -520,13 +535,16 @@ class BitmapRounds:
         return (Verdict.DONE if hdr.flags & F_DONE else Verdict.ACCEPTED), hdr
 
     @staticmethod
-    def _merge(fpm: FreePageMap, spans: list[Any], start_pfn: int, nr_pfns: int) -> None:
-        srcs, lens, skip = [], [], HDR_SIZE  # the bitmap: the readable bytes after the header
-        for p in spans:
-            if skip >= len(p):
-                skip -= len(p)
-                continue
-            srcs.append(p + skip if skip else p)
-            lens.append(len(p) - skip)
-            skip = 0
-        fpm._or_spans(start_pfn, srcs, lens, nr_pfns)
+    def _merge(fpm: FreePageMap, ptrs: Any, lens: Any, n: int, start_pfn: int,
+               nr_pfns: int) -> None:
+        """OR the bitmap (the readable bytes after the header) in: skip the header by moving
+        the first spans' pointers and lengths in place, then one C call for all spans."""
+        k, skip = 0, HDR_SIZE
+        while skip >= lens[k]:
+            skip -= lens[k]
+            k += 1
+            if k == n:               # no bitmap bytes at all (nr_pfns == 0)
+                return fpm._or_spans(start_pfn, ptrs, lens, 0, nr_pfns)
+        ptrs[k] += skip
+        lens[k] -= skip
+        fpm._or_spans(start_pfn, ptrs + k, lens + k, n - k, nr_pfns)

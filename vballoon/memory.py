@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ._vring import ffi as _ffi
 from .errors import FrontendError, GuestMemoryError
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,13 @@ class GuestMemory:
         # per address space: sorted starts, and ends, for the lookup (hot: once per descriptor)
         self._gpa = ([r.gpa for r in self.regions], [r.gpa + r.size for r in self.regions])
         self._uva = ([r.uva for r in self._by_uva], [r.uva + r.size for r in self._by_uva])
+        # the same table for the C chain walk (vballoon._vring): starts, ends, host pointers
+        self._host = [_ffi.from_buffer("uint8_t[]", r.view, require_writable=True)
+                      for r in self.regions]
+        self.c_table = (len(self.regions), _ffi.new("uint64_t[]", self._gpa[0]),
+                        _ffi.new("uint64_t[]", self._gpa[1]),
+                        _ffi.new("uint8_t *[]", [h + r.base for h, r in
+                                                 zip(self._host, self.regions)]))
 
     @classmethod
     def map(cls, specs: Sequence[RegionSpec], fds: Sequence[int]) -> "GuestMemory":
@@ -123,6 +131,10 @@ class GuestMemory:
         return cls(regions)
 
     def close(self) -> None:
+        self.c_table = (0, _ffi.NULL, _ffi.NULL, _ffi.NULL)
+        for h in self._host:
+            _ffi.release(h)
+        self._host = []
         for r in self.regions:
             _unmap(r)
         self.regions, self._by_uva = [], []

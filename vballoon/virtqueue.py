@@ -11,10 +11,9 @@ name; the session then marks the queue broken (it stays so until the front-end s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
-from ._fastbits import lib as _lib
-from .errors import GuestError
+from typing import Any, NamedTuple
+from ._vring import ffi as _ffi, lib as _lib
+from .errors import GuestError, GuestMemoryError
 from .memory import GuestMemory
 from .wire import AVAIL, C, DESC, LE16, USED, USED_ELEM
 
@@ -25,6 +24,28 @@ _ELEM = USED_ELEM.struct
 AVAIL_RING = AVAIL.offsets["ring"]
 USED_RING = USED.offsets["ring"]
 MAX_CHAIN_BYTES = 1 << 32    # §2.7.5.2: total length of a chain MUST NOT exceed 2^32
+
+# vq_walk's error codes: rule name, message ({a} and {b} are its info[0] and info[1])
+_WALK_ERRORS = {
+    _lib.VQ_ERR_HEAD: ("desc-head-out-of-range", "head {a} >= size {b}"),
+    _lib.VQ_ERR_LOOP: ("desc-loop", "chain at {a} loops (more than {b} descriptors)"),
+    _lib.VQ_ERR_NEXT: ("desc-next-out-of-range", "next {a} >= table size {b}"),
+    _lib.VQ_ERR_INDIRECT_FEATURE: ("indirect-not-negotiated", "INDIRECT without the feature"),
+    _lib.VQ_ERR_INDIRECT_NESTED: ("indirect-nested",
+                                  "indirect table inside an indirect table"),
+    _lib.VQ_ERR_INDIRECT_NEXT: ("indirect-with-next", "INDIRECT and NEXT both set"),
+    _lib.VQ_ERR_INDIRECT_LENGTH: ("indirect-bad-length",
+                                  "indirect table of {b} bytes (a multiple of 16, at most "
+                                  "the queue size)"),
+    _lib.VQ_ERR_INDIRECT_ALONE: ("indirect-not-alone",
+                                 "indirect descriptor inside a chain"),
+    _lib.VQ_ERR_READ_AFTER_WRITE: ("desc-read-after-write", "device-readable descriptor "
+                                   "after a device-writable one"),
+    _lib.VQ_ERR_TOO_LONG: ("chain-too-long", "chain at {a} is longer than 2^32 bytes"),
+    _lib.VQ_ERR_OUTSIDE: ("addr-outside-memory", "guest-physical range {a:#x}+{b:#x} is not "
+                          "inside one region"),
+}
+_WALK_ERROR_TYPES = {_lib.VQ_ERR_OUTSIDE: GuestMemoryError}
 
 
 def avail_size(num: int) -> int:
@@ -43,20 +64,48 @@ class Buffer(NamedTuple):
     write: bool
 
 
-@dataclass(slots=True)
 class Chain:
-    """A descriptor chain popped from the avail ring.  Return it with :meth:`VirtQueue.push`."""
+    """A descriptor chain popped from the avail ring.  Return it with :meth:`VirtQueue.push`.
 
-    head: int
-    buffers: list[Buffer]
+    Its device-readable buffers come first (the walk enforces it): ``nread`` of them.
+    :meth:`read_spans` gives where they are mapped in this process, each checked to lie in
+    guest memory: valid only until the next memory table, so use them while handling the chain
+    (:meth:`forget_hosts` before keeping a chain, as the stats and request buffers are kept).
+    """
+
+    __slots__ = ("head", "addrs", "lens", "nread", "_hosts", "_clens", "_buffers")
+
+    def __init__(self, head: int, addrs: list[int], lens: list[int], nread: int,
+                 hosts: Any = None, clens: Any = None) -> None:
+        self.head, self.addrs, self.lens, self.nread = head, addrs, lens, nread
+        self._hosts, self._clens = hosts, clens
+        self._buffers: list[Buffer] | None = None
+
+    @property
+    def buffers(self) -> list[Buffer]:
+        if self._buffers is None:
+            self._buffers = [Buffer(a, n, i >= self.nread)
+                             for i, (a, n) in enumerate(zip(self.addrs, self.lens))]
+        return self._buffers
 
     @property
     def readable(self) -> list[Buffer]:
-        return [b for b in self.buffers if not b.write]
+        return self.buffers[:self.nread]
 
     @property
     def writable(self) -> list[Buffer]:
-        return [b for b in self.buffers if b.write]
+        return self.buffers[self.nread:]
+
+    def read_spans(self) -> tuple[Any, Any, int]:
+        """The readable buffers as cffi arrays (``uint8_t *[]`` host pointers, ``size_t[]``
+        lengths) and their count: the no-copy path for big chains.  The arrays are the
+        chain's own copies; a consumer may adjust them."""
+        if self._hosts is None:
+            raise GuestError("chain-hosts-dropped", f"chain {self.head}: host pointers dropped")
+        return self._hosts, self._clens, self.nread
+
+    def forget_hosts(self) -> None:
+        self._hosts = self._clens = None
 
     def read(self, mem: GuestMemory, limit: int = 1 << 20) -> bytes:
         """The device-readable bytes of the chain, concatenated (at most ``limit``)."""
@@ -95,6 +144,8 @@ class VirtQueue:
         self.indirect = False
         self.inflight: list[int] = []             # heads popped and not yet pushed
         self._desc: memoryview | None = None
+        self._desc_p = _ffi.NULL                  # the descriptor table, for the C walk
+        self._out: tuple = ()                     # the walk's output arrays
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
 
@@ -113,9 +164,15 @@ class VirtQueue:
         avail = mem.uva_view(self.avail_addr, avail_size(self.num))
         used = mem.uva_view(self.used_addr, used_size(self.num))
         self._desc, self._avail, self._used = desc, avail, used
+        self._desc_p = _ffi.from_buffer("uint8_t[]", desc)
+        self._out = (_ffi.new("uint64_t[]", self.num), _ffi.new("size_t[]", self.num),
+                     _ffi.new("uint8_t *[]", self.num), _ffi.new("uint64_t[3]"))
         self.used_idx = _LE16.unpack_from(used, 2)[0]
 
     def detach(self) -> None:
+        if self._desc_p != _ffi.NULL:
+            _ffi.release(self._desc_p)
+            self._desc_p = _ffi.NULL
         for v in (self._desc, self._avail, self._used):
             if v is not None:
                 v.release()
@@ -141,7 +198,7 @@ class VirtQueue:
             # avail_event (written at each pop) must be visible before avail idx is read again,
             # or a buffer added meanwhile is neither seen nor kicked (Linux vhost: smp_mb()).
             _LE16.pack_into(self._used, USED_RING + USED_ELEM.size * self.num, self.last_avail_idx)
-            _lib.fb_mb()
+            _lib.vq_mb()
             idx = _LE16.unpack_from(avail, 2)[0]
             pending = (idx - self.last_avail_idx) & 0xFFFF
         if pending == 0:
@@ -149,67 +206,32 @@ class VirtQueue:
         if pending > self.num:
             raise GuestError("avail-idx-jump", f"queue {self.index}: avail idx {idx} is "
                              f"{pending} ahead of {self.last_avail_idx}, more than size {self.num}")
-        _lib.fb_rmb()            # read the ring entry only after the idx that published it
+        _lib.vq_rmb()            # read the ring entry only after the idx that published it
         head = _LE16.unpack_from(avail, AVAIL_RING + 2 * (self.last_avail_idx % self.num))[0]
-        chain = Chain(head, self._walk(mem, head))
+        chain = self._walk(mem, head)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         self.inflight.append(head)
         if self.event_idx:   # ask for a kick as soon as the driver adds past this one
             _LE16.pack_into(self._used, USED_RING + USED_ELEM.size * self.num, self.last_avail_idx)
         return chain
 
-    def _walk(self, mem: GuestMemory, head: int) -> list[Buffer]:
-        """Descriptors of the chain at ``head`` (§2.7.5 and §2.7.5.3), bounded and checked."""
-        table, size = self._desc, self.num
-        out: list[Buffer] = []
-        check = mem.check_gpa
-        if head >= size:
-            raise GuestError("desc-head-out-of-range",
-                             f"queue {self.index}: head {head} >= size {size}")
-        i, seen, total, indirect, wrote = head, 0, 0, False, False
-        while True:
-            seen += 1
-            if seen > size:
-                raise GuestError("desc-loop", f"queue {self.index}: chain at {head} loops "
-                                 f"(more than {size} descriptors)")
-            addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * i)
-            if flags & C.VRING_DESC_F_INDIRECT:
-                if not self.indirect:
-                    raise GuestError("indirect-not-negotiated",
-                                     f"queue {self.index}: INDIRECT without the feature")
-                if indirect:
-                    raise GuestError("indirect-nested",
-                                     f"queue {self.index}: indirect table inside an indirect table")
-                if flags & C.VRING_DESC_F_NEXT:
-                    raise GuestError("indirect-with-next",
-                                     f"queue {self.index}: INDIRECT and NEXT both set")
-                if length == 0 or length % DESC_SIZE or length // DESC_SIZE > C.VIRTQ_MAX_SIZE:
-                    raise GuestError("indirect-bad-length",
-                                     f"queue {self.index}: indirect table of {length} bytes")
-                if seen != 1:
-                    # §2.7.5.3.1: the driver MUST NOT chain an indirect descriptor after others
-                    raise GuestError("indirect-not-alone",
-                                     f"queue {self.index}: indirect descriptor inside a chain")
-                table, size = mem.gpa_view(addr, length), length // DESC_SIZE
-                i, seen, indirect = 0, 0, True
-                continue
-            write = bool(flags & C.VRING_DESC_F_WRITE)
-            if wrote and not write:
-                raise GuestError("desc-read-after-write", f"queue {self.index}: device-readable "
-                                 "descriptor after a device-writable one")
-            wrote |= write
-            total += length
-            if total > MAX_CHAIN_BYTES:
-                raise GuestError("chain-too-long", f"queue {self.index}: chain at {head} is "
-                                 f"longer than 2^32 bytes")
-            check(addr, length)
-            out.append(Buffer(addr, length, write))
-            if not flags & C.VRING_DESC_F_NEXT:
-                return out
-            if nxt >= size:
-                raise GuestError("desc-next-out-of-range",
-                                 f"queue {self.index}: next {nxt} >= table size {size}")
-            i = nxt
+    def _walk(self, mem: GuestMemory, head: int) -> Chain:
+        """The chain at ``head`` (§2.7.5 and §2.7.5.3), bounded and checked.
+
+        The walk is C (``vballoon._vring.vq_walk``); each of its error codes is a rule here.
+        """
+        addr, length, host, info = self._out
+        n = _lib.vq_walk(self._desc_p, self.num, head, self.indirect, *mem.c_table,
+                         addr, length, host, info)
+        if n < 0:
+            rule, what = _WALK_ERRORS[n]
+            raise _WALK_ERROR_TYPES.get(n, GuestError)(
+                rule, f"queue {self.index}: " + what.format(head=head, a=info[0], b=info[1]))
+        hosts, clens = _ffi.new("uint8_t *[]", n), _ffi.new("size_t[]", n)
+        _ffi.memmove(hosts, host, _ffi.sizeof(hosts))
+        _ffi.memmove(clens, length, _ffi.sizeof(clens))
+        return Chain(head, _ffi.unpack(addr, n), _ffi.unpack(length, n), min(info[2], n),
+                     hosts, clens)
 
     # -- device -> driver ----------------------------------------------------------------
 
@@ -227,7 +249,7 @@ class VirtQueue:
         _ELEM.pack_into(used, USED_RING + USED_ELEM.size * (self.used_idx % self.num), head,
                         written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        _lib.fb_wmb()            # the element is visible before the idx that publishes it
+        _lib.vq_wmb()            # the element is visible before the idx that publishes it
         _LE16.pack_into(used, 2, self.used_idx)
 
     def should_notify(self) -> bool:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import open_fds
+from vbtest import open_fds
 from vballoon.balloon import Balloon
 from vballoon.errors import ConfigError
 from vballoon.loopback import DriverQueue, Frontend, GuestRam

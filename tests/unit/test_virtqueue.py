@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import mapped
+from vbtest import mapped
 from vballoon.errors import GuestError, GuestMemoryError
 from vballoon.loopback import DriverQueue, GuestRam
 from vballoon.virtqueue import VirtQueue

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..balloon import FEATURE_NAMES
-from ..scanner import BuddyModel, respond
+from ..scanner import BuddyModel, Chunk, respond
 from ..wire import BALLOON_CONFIG, BALLOON_STAT, C, LE32
 from .driver import DriverQueue, GuestRam
 from .frontend import Frontend
@@ -242,9 +242,11 @@ class BalloonGuest:
         q.add([(self._bitmap_req_buf, C.VIRTIO_BALLOON_BITMAP_REQ_SIZE, True)])
         q.kick()
 
-    async def answer_bitmap_request(self, model: BuddyModel, timeout: float = 10.0) -> int:
+    async def answer_bitmap_request(self, model: BuddyModel, timeout: float = 10.0, *,
+                                    chunks: Iterable[Chunk] | None = None) -> int:
         """Wait for a request, scan ``model`` and send the chunks, one chain at a time, each
         waited for (as the seed's driver did); then post the request buffer again.
+        ``chunks``, if given, are sent instead of scanning (benchmarks prepare them ahead).
         Returns the number of chunks sent."""
         q = self.queues["bitmap"]
         await q.wait_used(1, timeout)
@@ -254,7 +256,7 @@ class BalloonGuest:
                 C.VIRTIO_BALLOON_BITMAP_CHUNK_HDR_SIZE
                 + C.VIRTIO_BALLOON_BITMAP_MAX_BMAPS * C.VIRTIO_BALLOON_BITMAP_BMAP_BYTES, 64)
         sent = 0
-        for chunk in respond(model, request):
+        for chunk in respond(model, request) if chunks is None else chunks:
             bufs, at = [], self._chunk_buf
             for data in chunk.buffers():
                 self.ram.at(at, len(data))[:] = data
