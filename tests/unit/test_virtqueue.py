@@ -257,3 +257,37 @@ def test_any_descriptor_table_is_walked_or_refused_cleanly(descs, head):
         dq.close()
         mem.close()
         ram.close()
+
+
+def test_indirect_table_longer_than_the_queue_is_refused(setup):
+    """§2.7.5.3.1: a chain (indirect ones included) MUST NOT be longer than the queue size."""
+    ram, mem, dq, vq = setup
+    table = ram.alloc(16 * 16, 16)
+    for i in range(16):
+        dq.write_desc(i, ram.alloc(8), 8, NEXT if i < 15 else 0, i + 1, table=table)
+    dq.write_desc(0, table, 16 * 16, INDIRECT)
+    dq.publish(0)
+    with pytest.raises(GuestError, match="indirect-bad-length"):
+        vq.pop(mem)
+
+
+def test_indirect_table_outside_memory_is_refused(setup):
+    _, mem, dq, vq = setup
+    dq.write_desc(0, 1 << 40, 32, INDIRECT)
+    dq.publish(0)
+    with pytest.raises(GuestMemoryError, match="addr-outside-memory"):
+        vq.pop(mem)
+
+
+def test_chain_host_spans_point_at_the_buffers(setup):
+    ram, mem, dq, vq = setup
+    a = ram.alloc(16)
+    ram.at(a, 16)[:] = b"0123456789abcdef"
+    dq.add([(a, 16, False), (ram.alloc(8), 8, True)])
+    chain = vq.pop(mem)
+    ptrs, lens, n = chain.read_spans()
+    from vballoon._vring import ffi
+    assert n == 1 and lens[0] == 16 and ffi.buffer(ptrs[0], 16)[:] == b"0123456789abcdef"
+    chain.forget_hosts()
+    with pytest.raises(GuestError, match="chain-hosts-dropped"):
+        chain.read_spans()
