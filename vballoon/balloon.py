@@ -239,6 +239,12 @@ class Balloon(Device):
     def reset(self) -> None:
         super().reset()
         self.roles = {}
+        self.poison_val = 0
+        self.driver_restarted()
+
+    def driver_restarted(self) -> None:
+        # A new driver starts with an empty balloon and actual = 0 (its pages were the old
+        # guest's); the target stays.  poison_val and the queue roles are the new driver's.
         self._stats_chain = self._stats_vq = None
         self._bitmap_req = self._bitmap_pending = None
         self._abort_hint_round("reset")
@@ -246,9 +252,6 @@ class Balloon(Device):
             self.bitmap.abort("reset", self.clock())
             self._round_ended(self.bitmap.current)
         self.cmd_id = 0
-        self.poison_val = 0
-        # The balloon's contents survive a reset of the driver only in the driver's own
-        # accounting: a new driver starts with an empty balloon and actual = 0.
         self.actual = 0
         self.inflated[:] = 0
         self.counters.inflated_pages = 0

@@ -68,5 +68,9 @@ class Device:
         """The front-end went away or reset the device: drop all driver-side state."""
         self.acked_features = 0
 
+    def driver_restarted(self) -> None:
+        """A new driver took the device over (the guest rebooted) without any reset message:
+        drop what the previous driver left, keep what the new one already set up."""
+
     def memory_changed(self, mem: GuestMemory | None) -> None:
         """A new memory table (or none, after a disconnect)."""

@@ -78,6 +78,7 @@ class Ring:
     running: bool = False       # device told queue_started
     broken: bool = False
     pending: bool = False       # kicked before it could run
+    stopped_at: int | None = None   # the index GET_VRING_BASE answered, until the next start
 
 
 def _pack_reply(request: int, payload: bytes) -> bytes:
@@ -406,6 +407,14 @@ class Session:
         ring = self._ring(index)
         if num > 0xFFFF:
             raise FrontendError("vring-base", f"queue {index}: base {num} exceeds 16 bits")
+        if num == 0 and ring.stopped_at:
+            # QEMU sends no reset to this device (no STATUS): a guest reboot shows as a ring
+            # that had consumed buffers restarting at 0, where a paused VM resumes at the index
+            # GET_VRING_BASE gave.  The driver is a new one; its predecessor's state is gone.
+            log.info("queue %d restarts at 0 after %d: a new driver", index, ring.stopped_at)
+            for r in self.rings:
+                r.stopped_at = None
+            self.device.driver_restarted()
         ring.vq.last_avail_idx = num
         ring.vq.inflight.clear()
         ring.vq.signalled_used = None
@@ -416,7 +425,7 @@ class Session:
         ring = self._ring(index)
         self._stop_ring(ring)
         base = ring.vq.stop_index()
-        ring.vq.last_avail_idx = base
+        ring.vq.last_avail_idx = ring.stopped_at = base
         ring.vq.inflight.clear()
         return _pack_reply(msg.request, VRING_STATE.pack(index, base))
 

@@ -281,3 +281,28 @@ def test_serve_rejects_an_unknown_feature(sock_path):
     _, err = p.communicate(timeout=30)
     assert p.returncode == 2 and "bad-feature" in err
     assert not os.path.exists(sock_path)
+
+
+async def test_a_rebooted_guest_is_a_new_driver_and_a_resumed_one_is_not(server, sock_path):
+    ram = GuestRam(64 << 20)
+    fe = await Frontend.connect(sock_path)
+    await fe.init(6)
+    guest = BalloonGuest(fe, ram)
+    await guest.probe()
+    await guest.inflate(300)
+    device = server.device
+    await fe.stop()                          # VM paused: rings stopped, indices kept
+    await guest.probe()                      # resumed at the same indices
+    assert device.counters.inflated_pages == 300 and device.actual == 300
+    await fe.stop()                          # guest reboot: QEMU resets the indices to 0
+    fe.bases.clear()
+    guest.close()
+    rebooted = BalloonGuest(fe, ram)
+    await rebooted.probe()
+    assert device.counters.inflated_pages == 0 and device.actual == 0
+    assert not device.inflated.any()
+    await rebooted.inflate(300)              # the same pfns: discarded again
+    assert device.counters.inflated_pages == 300
+    await fe.close()
+    rebooted.close()
+    ram.close()
