@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                    + ", ".join(FEATURE_NAMES))
     s.add_argument("--stats-interval", type=float, default=5.0, metavar="SECONDS",
                    help="how often to ask the guest for fresh statistics (0: never)")
+    s.add_argument("--control-socket", metavar="PATH",
+                   help="serve the control socket (QMP; mode 0600) on PATH: `vballoon ctl`, "
+                   "vballoon.client, qemu.qmp, socat")
+    s.add_argument("--export-dir", metavar="DIR",
+                   help="the directory export-free-page-map writes its files in")
 
     d = sub.add_parser("demo", help="the daemon, a simulated guest and one free-page round, "
                        "over the loopback front-end (no QEMU needed)",
@@ -60,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=2, help="seed of the simulated guest's layout")
     d.add_argument("--out", default="vballoon-demo", metavar="DIR",
                    help="where the map (and its picture) are written (default ./vballoon-demo)")
+    from .ctl import add_parser as add_ctl_parser
+    add_ctl_parser(sub)
     return p
 
 
@@ -72,10 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from .daemon import serve
             asyncio.run(serve(args.socket_path, features=_features(args.feature),
-                              stats_interval=args.stats_interval))
+                              stats_interval=args.stats_interval,
+                              control_path=args.control_socket, export_dir=args.export_dir))
         elif args.command == "demo":
             from .demo import run_demo
             return asyncio.run(run_demo(args.memory, seed=args.seed, out=args.out))
+        elif args.command == "ctl":
+            from .ctl import run as run_ctl
+            return run_ctl(args)
     except ConfigError as e:
         print(f"vballoon: error: {e}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ HEADERS = {
     "virtio_ring.h": ("<", False),
     "virtio_balloon.h": ("<", True),
     "bitmap_queue.h": ("<", False),
+    "export_format.h": ("<", False),
 }
 
 _CODES = {("uint", 1): "B", ("uint", 2): "H", ("uint", 4): "I", ("uint", 8): "Q",
