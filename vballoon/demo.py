@@ -17,8 +17,10 @@ import numpy as np
 from .balloon import PAGE
 from .cli import parse_size
 from .daemon import Daemon
+from .export import read_export, write_export
 from .loopback import Frontend, GuestRam
 from .loopback.guest import BalloonGuest
+from .picture import render_png
 from .scanner import BuddyModel, driver_chunks
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -102,6 +104,15 @@ async def _round(daemon: Daemon, guest: BalloonGuest, model: BuddyModel, out: st
           f"{ranges.shape[0]:,} ranges; coverage {100 * info['coverage']:.1f}%")
     print(f"  a migration that tracks dirty pages from before the request can skip "
           f"{_size(free)}: it sends {_size(ram - free)} instead of {_size(ram)}")
+    os.makedirs(out, exist_ok=True)
+    res = write_export(r, out, f"round-{r.id}.vbmap", "ranges", ballooned=daemon.device.inflated)
+    back = read_export(res.path)
+    assert back.ranges.shape == ranges.shape, "the export does not read back"
+    png = os.path.abspath(os.path.join(out, f"round-{r.id}.png"))
+    render_png(r.map, daemon.device.inflated, png, width=1024,
+               title=f"round {r.id}: {_size(free)} free of {_size(ram)}")
+    print(f"  map written: {res.path} ({res.bytes:,} bytes, {res.ranges:,} ranges; "
+          f"protocol/export-format.md), picture {png}")
     wrong, missed = seed_errors(model)
     print(f"  the seed's 2016 scanner, on the same guest: {wrong:,} used page(s) reported free, "
           f"{missed:,} free page(s) missed (its bitmap-boundary bug); the reference scanner: "
