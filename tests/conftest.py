@@ -7,6 +7,7 @@ import pytest
 from vbtest import open_fds
 
 from vballoon.balloon import Balloon
+from vballoon.daemon import Daemon
 from vballoon.loopback import Frontend, GuestRam
 from vballoon.transport import Server
 
@@ -26,6 +27,18 @@ def _target(fd: str) -> str | None:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return None    # the fd listing /proc/self/fd itself
+
+
+@pytest.fixture
+async def daemon(tmp_path):
+    """The daemon with a control socket and an export directory, no stats timer."""
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    d = Daemon(str(tmp_path / "vb.sock"), stats_interval=0,
+               control_path=str(tmp_path / "control.sock"), export_dir=str(exports))
+    await d.start()
+    yield d
+    await d.close()
 
 
 @pytest.fixture

@@ -3,9 +3,16 @@ no other directory's conftest.py can shadow it)."""
 from __future__ import annotations
 
 import os
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
 
-from vballoon.loopback import GuestRam
+from vballoon.daemon import Daemon
+from vballoon.loopback import Frontend, GuestRam
+from vballoon.loopback.guest import BalloonGuest
 from vballoon.memory import GuestMemory
+from vballoon.scanner import BuddyModel
+
+MiB, GiB = 1 << 20, 1 << 30
 
 
 def open_fds() -> set[str]:
@@ -15,3 +22,22 @@ def open_fds() -> set[str]:
 def mapped(ram: GuestRam) -> GuestMemory:
     """The daemon's view of ``ram``, as SET_MEM_TABLE would build it."""
     return GuestMemory.map(ram.regions, [os.dup(ram.fd) for _ in ram.regions])
+
+
+@asynccontextmanager
+async def attached_guest(daemon: Daemon, mem_bytes: int,
+                         seed: int) -> AsyncIterator[tuple[BalloonGuest, BuddyModel]]:
+    """A guest of ``mem_bytes`` (a buddy model after a workload; q35 layout) with the reference
+    driver, attached to ``daemon`` over the loopback front-end."""
+    model = BuddyModel.after_workload(mem_bytes, seed=seed)
+    ram = GuestRam(model.layout)
+    fe = await Frontend.connect(daemon.socket_path)
+    await fe.init(daemon.device.max_queues())
+    g = BalloonGuest(fe, ram, driver_at=16 * MiB, driver_bytes=4 * MiB, queue_size=64)
+    try:
+        await g.probe()
+        yield g, model
+    finally:
+        await fe.close()
+        g.close()
+        ram.close()

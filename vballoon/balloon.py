@@ -20,7 +20,7 @@ import numpy as np
 
 from .device import Device
 from .errors import ConfigError, GuestError
-from .fpmap import BitmapRounds, FreePageMap, Round, RoundState, Verdict
+from .fpmap import BitmapRounds, FreePageMap, Round, Verdict
 from .memory import GuestMemory
 from .virtqueue import Chain, VirtQueue
 from .wire import BALLOON_CONFIG, BALLOON_STAT, C, LE32
@@ -99,6 +99,19 @@ class HintRound:
         return self.state == "done"
 
 
+def queue_roles(features: int) -> list[str]:
+    """The balloon's queues, in index order, for the negotiated ``features``: absent optional
+    queues take no index (Linux's init_vqs since 5.0, QEMU; balloon-lineage.md §3.3)."""
+    roles = ["inflate", "deflate"]
+    for bit, role in ((C.VIRTIO_BALLOON_F_STATS_VQ, "stats"),
+                      (C.VIRTIO_BALLOON_F_FREE_PAGE_HINT, "hint"),
+                      (C.VIRTIO_BALLOON_F_PAGE_REPORTING, "reporting"),
+                      (C.VIRTIO_BALLOON_F_FREE_PAGE_BITMAP, "bitmap")):
+        if features >> bit & 1:
+            roles.append(role)
+    return roles
+
+
 def round_kind(r: "Round | HintRound") -> str:
     return "hint" if isinstance(r, HintRound) else "bitmap"
 
@@ -160,14 +173,7 @@ class Balloon(Device):
 
     def set_features(self, acked: int) -> None:
         super().set_features(acked)
-        roles = ["inflate", "deflate"]
-        for bit, role in ((C.VIRTIO_BALLOON_F_STATS_VQ, "stats"),
-                          (C.VIRTIO_BALLOON_F_FREE_PAGE_HINT, "hint"),
-                          (C.VIRTIO_BALLOON_F_PAGE_REPORTING, "reporting"),
-                          (C.VIRTIO_BALLOON_F_FREE_PAGE_BITMAP, "bitmap")):
-            if self.has(bit):
-                roles.append(role)
-        self.roles = dict(enumerate(roles))
+        self.roles = dict(enumerate(queue_roles(acked)))
         log.info("features acked %#x; queues: %s", acked,
                  ", ".join(f"{i}={r}" for i, r in self.roles.items()))
 

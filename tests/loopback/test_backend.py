@@ -14,10 +14,10 @@ import pytest
 from vbtest import open_fds
 from vballoon.balloon import Balloon
 from vballoon.errors import ConfigError
-from vballoon.loopback import DriverQueue, Frontend, GuestRam
+from vballoon.loopback import Frontend, GuestRam
 from vballoon.loopback.guest import BalloonGuest
 from vballoon.transport import Server, listen_unix
-from vballoon.wire import C, HEADER, U64, VRING_STATE
+from vballoon.wire import C, HEADER, VRING_STATE
 
 V1 = C.VHOST_USER_VERSION
 
@@ -30,6 +30,18 @@ async def until(cond, timeout=5.0):
         if loop.time() > deadline:
             raise TimeoutError("condition not reached")
         await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def attached(server, sock_path, ram):
+    """A front-end through realize and a guest driver through DRIVER_OK."""
+    fe = await Frontend.connect(sock_path)
+    await fe.init(6)
+    guest = BalloonGuest(fe, ram)
+    await guest.probe()
+    yield fe, guest
+    await fe.close()
+    guest.close()
 
 
 async def test_qemu_sequence_start_stop_start_close(server, sock_path, ram):
@@ -175,24 +187,16 @@ async def test_config_change_is_announced_only_once_the_driver_runs(server, sock
     guest.close()
 
 
-async def test_mem_table_again_while_rings_run(server, sock_path, ram):
-    fe = await Frontend.connect(sock_path)
-    await fe.init(6)
-    guest = BalloonGuest(fe, ram)
-    await guest.probe()
+async def test_mem_table_again_while_rings_run(server, attached, ram):
+    fe, guest = attached
     await guest.inflate(10)
     await fe.set_mem_table(ram)                  # e.g. after memory hotplug
     await guest.inflate(10)
     assert server.device.counters.inflated_pages == 20
-    await fe.close()
-    guest.close()
 
 
-async def test_broken_queue_signals_err_and_the_others_keep_working(server, sock_path, ram):
-    fe = await Frontend.connect(sock_path)
-    await fe.init(6)
-    guest = BalloonGuest(fe, ram)
-    await guest.probe()
+async def test_broken_queue_signals_err_and_the_others_keep_working(server, attached):
+    fe, guest = attached
     q = guest.queues["deflate"]
     q.write_desc(0, 0, 16, C.VRING_DESC_F_NEXT, 0)    # a chain that loops on itself
     q.publish(0)
@@ -201,15 +205,10 @@ async def test_broken_queue_signals_err_and_the_others_keep_working(server, sock
     assert os.eventfd_read(fe.err_fds[1]) == 1
     await guest.inflate(5)                            # queue 0 is fine
     assert server.device.counters.inflated_pages == 5
-    await fe.close()
-    guest.close()
 
 
-async def test_get_vring_base_stops_the_ring(server, sock_path, ram):
-    fe = await Frontend.connect(sock_path)
-    await fe.init(6)
-    guest = BalloonGuest(fe, ram)
-    await guest.probe()
+async def test_get_vring_base_stops_the_ring(attached):
+    fe, guest = attached
     reply = await fe.call(C.VHOST_USER_GET_VRING_BASE, VRING_STATE.pack(0, 0))
     assert VRING_STATE.unpack(reply) == (0, 0)
     q = guest.queues["inflate"]
@@ -217,8 +216,6 @@ async def test_get_vring_base_stops_the_ring(server, sock_path, ram):
     q.kick()
     with pytest.raises(TimeoutError):
         await q.wait_used(1, timeout=0.2)             # stopped: nothing is processed
-    await fe.close()
-    guest.close()
 
 
 async def test_reply_ack_acknowledges_each_request(server, sock_path):

@@ -11,15 +11,13 @@ import stat
 
 import numpy as np
 import pytest
+from vbtest import attached_guest
 
 from vballoon import control, ctl
 from vballoon.client import AsyncClient, QMPCommandError
 from vballoon.daemon import Daemon
 from vballoon.errors import ConfigError
 from vballoon.export import read_export
-from vballoon.loopback import Frontend, GuestRam
-from vballoon.loopback.guest import BalloonGuest
-from vballoon.scanner import BuddyModel
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -67,29 +65,10 @@ class Raw:
 
 
 @pytest.fixture
-async def daemon(tmp_path):
-    exports = tmp_path / "exports"
-    exports.mkdir()
-    d = Daemon(str(tmp_path / "vb.sock"), stats_interval=0,
-               control_path=str(tmp_path / "control.sock"), export_dir=str(exports))
-    await d.start()
-    yield d
-    await d.close()
-
-
-@pytest.fixture
 async def guest(daemon):
     """A 3 GiB q35-like guest (a PCI hole from 2 to 4 GiB) with the reference driver."""
-    model = BuddyModel.after_workload(3 * GiB, seed=11)
-    ram = GuestRam(model.layout)
-    fe = await Frontend.connect(daemon.socket_path)
-    await fe.init(daemon.device.max_queues())
-    g = BalloonGuest(fe, ram, driver_at=16 * MiB, driver_bytes=4 * MiB, queue_size=64)
-    await g.probe()
-    yield g, model
-    await fe.close()
-    g.close()
-    ram.close()
+    async with attached_guest(daemon, 3 * GiB, seed=11) as g:
+        yield g
 
 
 def error(reply: dict) -> tuple[str, str]:

@@ -8,13 +8,12 @@ pool of PFNs above the driver's own memory.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..balloon import FEATURE_NAMES
+from ..balloon import FEATURE_NAMES, queue_roles
 from ..scanner import BuddyModel, Chunk, respond
 from ..wire import BALLOON_CONFIG, BALLOON_STAT, C, LE32
 from .driver import DriverQueue, GuestRam
@@ -122,13 +121,7 @@ class BalloonGuest:
         self.acked = self.fe.features & self.wanted
         if not self.acked >> C.VIRTIO_F_VERSION_1 & 1:
             raise RuntimeError("the device does not offer VERSION_1")
-        roles = ["inflate", "deflate"]
-        for bit, role in ((C.VIRTIO_BALLOON_F_STATS_VQ, "stats"),
-                          (C.VIRTIO_BALLOON_F_FREE_PAGE_HINT, "hint"),
-                          (C.VIRTIO_BALLOON_F_PAGE_REPORTING, "reporting"),
-                          (C.VIRTIO_BALLOON_F_FREE_PAGE_BITMAP, "bitmap")):
-            if self.has(bit):
-                roles.append(role)
+        roles = queue_roles(self.acked)
         ev, ind = self.has(C.VIRTIO_RING_F_EVENT_IDX), self.has(C.VIRTIO_RING_F_INDIRECT_DESC)
         if not self.queues:
             self.queues = {role: DriverQueue(self.ram, i, self.queue_size, event_idx=ev,
