@@ -361,15 +361,36 @@ def report_reclaim(report, label: str, rounds: list[Reclaim]) -> None:
 # --------------------------------------------------------------------------- 1, 2, 3: all features
 
 
+@pytest_asyncio.fixture(scope="class", loop_scope="class")
+async def vb_all(lab, tmp_path_factory, qemu_report):
+    async with daemon_and_guest(lab, tmp_path_factory.mktemp("all"), qemu_report,
+                                "vballoon, all features", stats_interval=0.5) as s:
+        yield s
+
+
+@pytest_asyncio.fixture(scope="class", loop_scope="class")
+async def vb_noreport(lab, tmp_path_factory, qemu_report):
+    async with daemon_and_guest(lab, tmp_path_factory.mktemp("noreport"), qemu_report,
+                                "vballoon, no reporting", features=NO_REPORTING,
+                                stats_interval=0) as s:
+        yield s
+
+
+@pytest_asyncio.fixture(scope="class", loop_scope="class")
+async def vb_life(lab, tmp_path_factory, qemu_report):
+    async with daemon_and_guest(lab, tmp_path_factory.mktemp("life"), qemu_report,
+                                "vballoon, no reporting", features=NO_REPORTING,
+                                stats_interval=0.5, qmp=True) as s:
+        yield s
+
+
 @pytest.mark.asyncio(loop_scope="class")
 class TestAllFeatures:
     """One guest, the daemon offering everything; stats requested every 0.5 s."""
 
-    @pytest_asyncio.fixture(scope="class", loop_scope="class")
-    async def vb(self, lab, tmp_path_factory, qemu_report):
-        async with daemon_and_guest(lab, tmp_path_factory.mktemp("all"), qemu_report,
-                                    "vballoon, all features", stats_interval=0.5) as s:
-            yield s
+    @pytest.fixture
+    def vb(self, vb_all):
+        return vb_all
 
     async def test_driver_binds_and_acks_what_the_daemon_offered(self, vb: Setup):
         g, dev = vb.guest, vb.device
@@ -474,12 +495,9 @@ class TestWithoutReporting:
     """The daemon offers everything but free page reporting, so nothing but
     the test's own actions discards guest memory: memfd figures are exact."""
 
-    @pytest_asyncio.fixture(scope="class", loop_scope="class")
-    async def vb(self, lab, tmp_path_factory, qemu_report):
-        async with daemon_and_guest(lab, tmp_path_factory.mktemp("noreport"), qemu_report,
-                                    "vballoon, no reporting", features=NO_REPORTING,
-                                    stats_interval=0) as s:
-            yield s
+    @pytest.fixture
+    def vb(self, vb_noreport):
+        return vb_noreport
 
     async def test_roles_without_reporting(self, vb: Setup):
         dev = vb.device
@@ -662,12 +680,9 @@ class TestLifecycle:
     """Reboots and QEMU exits, with one daemon that outlives them. No free page reporting,
     so that the guest's free memory is exact (reports in flight hide free pages)."""
 
-    @pytest_asyncio.fixture(scope="class", loop_scope="class")
-    async def vb(self, lab, tmp_path_factory, qemu_report):
-        async with daemon_and_guest(lab, tmp_path_factory.mktemp("life"), qemu_report,
-                                    "vballoon, no reporting", features=NO_REPORTING,
-                                    stats_interval=0.5, qmp=True) as s:
-            yield s
+    @pytest.fixture
+    def vb(self, vb_life):
+        return vb_life
 
     async def test_reboot_reinitialises_the_device(self, vb: Setup, qemu_report):
         g, dev, watch, log = vb.guest, vb.device, vb.watch, vb.log
