@@ -1,30 +1,42 @@
 """Split virtqueue, device side: chain walking, hostile chains, used ring, EVENT_IDX."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from vbtest import mapped
 from vballoon.errors import GuestError, GuestMemoryError
 from vballoon.loopback import DriverQueue, GuestRam
+from vballoon._vring import ffi
 from vballoon.virtqueue import VirtQueue
 from vballoon.wire import C
 
 NEXT, WRITE, INDIRECT = C.VRING_DESC_F_NEXT, C.VRING_DESC_F_WRITE, C.VRING_DESC_F_INDIRECT
 
 
-@pytest.fixture
-def setup(ram):
+@contextmanager
+def queue_pair(ram, num=8, indirect=True):
+    """A driver-side queue in ``ram`` and the device's VirtQueue on the same rings."""
     mem = mapped(ram)
-    dq = DriverQueue(ram, 0, 8)
+    dq = DriverQueue(ram, 0, num)
     vq = VirtQueue(0)
-    vq.num, vq.indirect = 8, True
+    vq.num, vq.indirect = num, indirect
     vq.desc_addr, vq.avail_addr, vq.used_addr = ram.uva(dq.desc), ram.uva(dq.avail), ram.uva(dq.used)
     vq.attach(mem)
-    yield ram, mem, dq, vq
-    vq.detach()
-    dq.close()
-    mem.close()
+    try:
+        yield mem, dq, vq
+    finally:
+        vq.detach()
+        dq.close()
+        mem.close()
+
+
+@pytest.fixture
+def setup(ram):
+    with queue_pair(ram) as (mem, dq, vq):
+        yield ram, mem, dq, vq
 
 
 def test_pop_returns_none_on_an_empty_ring(setup):
@@ -96,23 +108,15 @@ def test_buffer_outside_guest_memory_is_refused(setup):
 def test_chain_longer_than_2_32_bytes_is_refused():
     """§2.7.5.2: a chain's total length MUST NOT exceed 2^32 (descriptors may overlap)."""
     big = GuestRam([(0, 2 << 30)])        # sparse memfd: no host memory is used
-    mem = mapped(big)
-    dq = DriverQueue(big, 0, 8)
-    vq = VirtQueue(0)
-    vq.num = 8
-    vq.desc_addr, vq.avail_addr, vq.used_addr = big.uva(dq.desc), big.uva(dq.avail), big.uva(dq.used)
-    vq.attach(mem)
     try:
-        for i in range(3):
-            dq.write_desc(i, 0, 0x7FFF_F000, NEXT if i < 2 else 0, i + 1)
-        dq.publish(0)
-        with pytest.raises(GuestError) as e:
-            vq.pop(mem)
-        assert e.value.rule == "chain-too-long"
+        with queue_pair(big, indirect=False) as (mem, dq, vq):
+            for i in range(3):
+                dq.write_desc(i, 0, 0x7FFF_F000, NEXT if i < 2 else 0, i + 1)
+            dq.publish(0)
+            with pytest.raises(GuestError) as e:
+                vq.pop(mem)
+            assert e.value.rule == "chain-too-long"
     finally:
-        vq.detach()
-        dq.close()
-        mem.close()
         big.close()
 
 
@@ -235,29 +239,25 @@ def test_any_descriptor_table_is_walked_or_refused_cleanly(descs, head):
     """Property: whatever the guest writes, pop() returns a chain inside memory or raises a
     GuestError; it never loops, over-reads or raises anything else."""
     ram = GuestRam([(0, 1 << 20)])
-    mem = mapped(ram)
-    dq = DriverQueue(ram, 0, 8)
-    vq = VirtQueue(0)
-    vq.num, vq.indirect = 8, True
-    vq.desc_addr, vq.avail_addr, vq.used_addr = ram.uva(dq.desc), ram.uva(dq.avail), ram.uva(dq.used)
-    vq.attach(mem)
     try:
-        for i, (addr, length, flags, nxt) in enumerate(descs):
-            dq.write_desc(i, addr, length, flags, nxt)
-        dq.publish(head)
-        try:
-            chain = vq.pop(mem)
-        except GuestError:
-            return
-        assert 1 <= len(chain.buffers) <= 8
-        for b in chain.buffers:
-            mem.check_gpa(b.addr, b.len)
-        assert sum(b.len for b in chain.buffers) <= 1 << 32
+        with queue_pair(ram) as (mem, dq, vq):
+            walk_or_refuse(mem, dq, vq, descs, head)
     finally:
-        vq.detach()
-        dq.close()
-        mem.close()
         ram.close()
+
+
+def walk_or_refuse(mem, dq, vq, descs, head):
+    for i, (addr, length, flags, nxt) in enumerate(descs):
+        dq.write_desc(i, addr, length, flags, nxt)
+    dq.publish(head)
+    try:
+        chain = vq.pop(mem)
+    except GuestError:
+        return
+    assert 1 <= len(chain.buffers) <= 8
+    for b in chain.buffers:
+        mem.check_gpa(b.addr, b.len)
+    assert sum(b.len for b in chain.buffers) <= 1 << 32
 
 
 def test_indirect_table_longer_than_the_queue_is_refused(setup):
@@ -287,7 +287,6 @@ def test_chain_host_spans_point_at_the_buffers(setup):
     dq.add([(a, 16, False), (ram.alloc(8), 8, True)])
     chain = vq.pop(mem)
     ptrs, lens, n = chain.read_spans()
-    from vballoon._vring import ffi
     assert n == 1 and lens[0] == 16 and ffi.buffer(ptrs[0], 16)[:] == b"0123456789abcdef"
     chain.forget_hosts()
     with pytest.raises(GuestError, match="chain-hosts-dropped"):
