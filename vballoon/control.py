@@ -4,7 +4,7 @@ The protocol core is :mod:`vballoon.qmp` (sans-IO); this module is its asyncio s
 commands, which call the daemon's API (:class:`vballoon.daemon.Daemon`).  The commands, their
 arguments and their replies are specified in ``protocol/control-socket.md``.
 
-- The socket is created mode 0600 (bound under umask 0177), then renamed into place, so the
+- The socket is created mode 0600 (fchmod before bind), then renamed into place, so the
   path only ever names a listening socket only its owner can connect to.
 - Any number of clients; each has its own QMP session and task.  One client's bad input, slow
   command or disconnect never reaches another: errors are answered on its own session, and a
@@ -139,11 +139,7 @@ class ControlServer:
 
     async def start(self) -> None:
         """Listen.  :raise ConfigError: the path is in use, or not a socket, or unusable."""
-        old = os.umask(0o177)           # the socket file is born 0600: no window at 0755
-        try:
-            sock = listen_unix(self.path)
-        finally:
-            os.umask(old)
+        sock = listen_unix(self.path, mode=0o600)     # born 0600: never open to others
         self._server = await asyncio.start_unix_server(self._serve, sock=sock)
         self.daemon.listeners.append(self._broadcast)
         log.info("control socket on %s", self.path)

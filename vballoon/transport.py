@@ -211,10 +211,12 @@ def _path_in_use(path: str) -> bool:
         probe.close()
 
 
-def listen_unix(path: str) -> socket.socket:
+def listen_unix(path: str, mode: int | None = None) -> socket.socket:
     """Bind, listen, then rename into place: the path only ever names a listening socket.
 
-    Refuses a path that another process serves, or that is not a socket.
+    With ``mode`` the socket file is born with it (masked by the umask): Linux gives the file
+    the mode of the socket's inode, which fchmod sets before bind.  Refuses a path that
+    another process serves, or that is not a socket.
     """
     try:
         st = os.lstat(path)
@@ -233,6 +235,8 @@ def listen_unix(path: str) -> socket.socket:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if mode is not None:
+            os.fchmod(sock.fileno(), mode)
         sock.bind(tmp)
         sock.listen(4)
         os.rename(tmp, path)
