@@ -319,7 +319,15 @@ class ControlServer:
             raise CommandError(GENERIC_ERROR, "the daemon has no export directory (start it "
                                "with --export-dir DIR)")
         r = self.daemon.get_round(args.get("id"))
-        res = write_export(r, export_dir, args["filename"], args["format"],
-                           ballooned=self.daemon.device.inflated)
+        write = (export_dir, args["filename"], args["format"])
+        if r.active:        # the loop still merges into this map: write it here, in the loop
+            res = write_export(r, *write, ballooned=self.daemon.device.inflated)
+        else:
+            # A finished map no longer changes: write it (and fsync) off the loop, so a big
+            # export does not hold up the vhost-user session.  Coverage is written lazily;
+            # settle it here first, and give the thread its own copy of the ballooned pages.
+            r.map.covered
+            res = await asyncio.to_thread(write_export, r, *write,
+                                          ballooned=self.daemon.device.inflated.copy())
         return {"id": r.id, "path": res.path, "format": res.format, "bytes": res.bytes,
                 "ranges": res.ranges}
