@@ -88,8 +88,6 @@ class HintRound:
     abort_reason: str | None = None
     hints: int = 0
 
-    kind = "hint"
-
     @property
     def active(self) -> bool:
         return self.state in ("requested", "receiving")
@@ -445,11 +443,6 @@ class Balloon(Device):
         if r is not None and r.active:
             r.state, r.abort_reason, r.finished_at = "aborted", reason, self.clock()
             self._round_ended(r)
-
-    def finish_hint_round(self) -> None:
-        """DONE: the device no longer needs the hinted pages; the driver frees them."""
-        self._abort_hint_round("finished early")
-        self._set_cmd_id(C.VIRTIO_BALLOON_CMD_ID_DONE)
 
     def _set_cmd_id(self, cmd_id: int) -> None:
         self.cmd_id = cmd_id

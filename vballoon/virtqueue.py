@@ -184,9 +184,6 @@ class VirtQueue:
         assert self._avail is not None
         return _LE16.unpack_from(self._avail, 2)[0]
 
-    def has_work(self) -> bool:
-        return self._avail is not None and self.avail_idx() != self.last_avail_idx
-
     def pop(self, mem: GuestMemory) -> Chain | None:
         """The next available chain, walked and checked, or None when the ring is empty."""
         avail = self._avail
