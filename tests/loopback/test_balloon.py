@@ -276,3 +276,15 @@ def test_pfn_runs_and_merge_runs():
     assert list(zip(starts.tolist(), counts.tolist())) == [(0, 6), (10, 6)]
     assert [a.size for a in pfn_runs(np.zeros(0, dtype=np.uint32))] == [0, 0]
     assert [a.size for a in merge_runs([])] == [0, 0]
+
+
+async def test_a_hint_round_the_guest_never_stops_times_out_with_done(rig):
+    device, guest, _ = await rig()
+    r = device.start_round("hint")
+    await guest.fe.wait_config_change()
+    device.tick(r.requested_at + 29)
+    assert r.active
+    device.tick(r.requested_at + 31)
+    assert r.state == "aborted" and r.abort_reason == "timeout"
+    await guest.fe.wait_config_change()             # DONE announced: the guest frees its hints
+    assert (await guest.config())[2] == C.VIRTIO_BALLOON_CMD_ID_DONE
