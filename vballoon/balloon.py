@@ -52,7 +52,7 @@ FEATURE_NAMES = {
 }
 HINT_CMD_ID_MIN = 0x80000000    # as QEMU: far from STOP (0) and DONE (1)
 HINT_ROUND_TIMEOUT = 30.0       # seconds a hint round may stay open before DONE is forced
-ROUNDS_KEPT = 16                # finished rounds kept for queries and exports
+ROUNDS_KEPT = 4                 # rounds kept for queries and exports (2 bitmaps of max_pfn bits each)
 
 
 @dataclass

@@ -146,3 +146,9 @@ async def test_a_round_the_guest_cannot_take_is_refused(sock_path):
         device.start_round("bitmap")
     with pytest.raises(ConfigError, match="round-kind"):
         device.start_round("telepathy")
+
+
+async def test_only_the_last_rounds_are_kept(rig):
+    device, guest, model = rig
+    ids = [device.start_round("bitmap").id for _ in range(6)]
+    assert list(device.rounds) == ids[-4:]           # each round holds two pfn-space bitmaps
