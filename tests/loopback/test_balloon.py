@@ -288,3 +288,12 @@ async def test_a_hint_round_the_guest_never_stops_times_out_with_done(rig):
     assert r.state == "aborted" and r.abort_reason == "timeout"
     await guest.fe.wait_config_change()             # DONE announced: the guest frees its hints
     assert (await guest.config())[2] == C.VIRTIO_BALLOON_CMD_ID_DONE
+
+
+def test_the_guest_page_pool_hands_out_deflated_pages_first_then_ram_top_down():
+    from vballoon.loopback.guest import PagePool
+    p = PagePool([range(99, 89, -1)], pages=[1, 2, 3])
+    assert p[:5] == [1, 2, 3, 99, 98] and p[0] == 1 and len(p) == 13
+    assert p.take(4) == [1, 2, 3, 99] and p[:2] == [98, 97]
+    p.give([7, 8])
+    assert p.take(20) == [7, 8, 98, 97, 96, 95, 94, 93, 92, 91, 90] and len(p) == 0

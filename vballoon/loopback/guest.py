@@ -55,9 +55,10 @@ class PagePool:
     def __getitem__(self, sl: slice | int):
         if isinstance(sl, int):
             return self[sl:sl + 1][0]
-        assert sl.start in (None, 0) and sl.step is None, "pools are read from the front"
+        assert sl.start in (None, 0) and sl.step is None and sl.stop is not None, \
+            "pools are read from the front"
         n = sl.stop
-        out = self._front[::-1][:n]
+        out = self._front[-n:][::-1] if n > 0 else []
         for r in self._ranges:
             if len(out) >= n:
                 break
