@@ -1,5 +1,6 @@
-"""cffi (API mode) build of ``vballoon._vring``: the split-virtqueue chain walk, and the memory
-barriers the virtqueue needs.  Built by ``pip install -e .`` through ``setup.py``.
+"""cffi (API mode) build of ``vballoon._vring``: the split-virtqueue chain walk, the memory
+barriers the virtqueue needs, and the discard loop (one MADV_REMOVE per range, without a
+Python call each: scattered pages mean one syscall per page).  Built by ``pip install -e .`` through ``setup.py``.
 
 Why C: a bitmap-queue chunk is a chain of 33 descriptors, and walking them in Python costs
 more than merging the megabyte of bitmap they carry.  The walk is the one place guest
@@ -30,15 +31,19 @@ int64_t vq_walk(const uint8_t *table, uint32_t num, uint32_t head, int indirect_
                 size_t nreg, const uint64_t *rstart, const uint64_t *rend,
                 uint8_t *const *rhost, uint64_t *addr, size_t *len, uint8_t **host,
                 uint64_t *info);
+int64_t vq_discard(uint8_t *base, const uint64_t *off, const uint64_t *len, size_t n,
+                   int *err);
 void vq_mb(void);
 void vq_rmb(void);
 void vq_wmb(void);
 """
 
 SOURCE = r"""
+#include <errno.h>
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #define VQ_ERR_HEAD              (-1)   /* head >= queue size */
 #define VQ_ERR_LOOP              (-2)   /* more descriptors than the table holds */
@@ -147,6 +152,22 @@ int64_t vq_walk(const uint8_t *table, uint32_t num, uint32_t head, int indirect_
     }
 }
 
+/*
+ * MADV_REMOVE each [base + off[i], + len[i]) of one region's mapping: a hole punched in the
+ * guest RAM file.  The caller clipped every range to the region.  Returns how many ranges were
+ * done; on a failure, *err is its errno and the rest are not attempted.
+ */
+int64_t vq_discard(uint8_t *base, const uint64_t *off, const uint64_t *len, size_t n, int *err)
+{
+    *err = 0;
+    for (size_t i = 0; i < n; i++)
+        if (madvise(base + off[i], len[i], MADV_REMOVE)) {
+            *err = errno;
+            return (int64_t)i;
+        }
+    return (int64_t)n;
+}
+
 /* Memory barriers (Linux: virt_mb / virt_rmb / virt_wmb); Python has none of its own. */
 void vq_mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 void vq_rmb(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
@@ -155,7 +176,7 @@ void vq_wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
-ffibuilder.set_source("vballoon._vring", SOURCE,
+ffibuilder.set_source("vballoon._vring", SOURCE, define_macros=[("_DEFAULT_SOURCE", None)],
                       extra_compile_args=["-O2", "-std=c99", "-Wall", "-Wextra"])
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ._vring import ffi as _ffi
+from ._vring import ffi as _ffi, lib as _lib
 from .errors import FrontendError, GuestMemoryError
 
 log = logging.getLogger(__name__)
@@ -190,17 +190,20 @@ class GuestMemory:
         if ((starts | ends) % PAGE_SIZE).any():
             raise GuestMemoryError("discard-unaligned", "discard ranges must be page-aligned")
         calls = done = 0
-        for r in self.regions:
+        err = _ffi.new("int *")
+        for r, host in zip(self.regions, self._host):
             lo = np.maximum(starts, np.uint64(r.gpa))
             hi = np.minimum(ends, np.uint64(r.gpa + r.size))
             keep = lo < hi
-            offs = (lo[keep] - np.uint64(r.gpa - r.base)).tolist()
-            lens = (hi[keep] - lo[keep]).tolist()
-            madvise, remove = r.mm.madvise, mmap.MADV_REMOVE
-            for off, n in zip(offs, lens):
-                madvise(remove, off, n)
-            calls += len(lens)
-            done += sum(lens)
+            offs = np.ascontiguousarray(lo[keep] - np.uint64(r.gpa - r.base))
+            lens = np.ascontiguousarray(hi[keep] - lo[keep])
+            n = _lib.vq_discard(host, _ffi.from_buffer("uint64_t[]", offs),
+                                _ffi.from_buffer("uint64_t[]", lens), offs.size, err)
+            calls += n
+            done += int(lens[:n].sum())
+            if n < offs.size:
+                raise OSError(err[0], f"MADV_REMOVE at gpa {r.gpa + int(offs[n]) - r.base:#x}: "
+                              f"{os.strerror(err[0])}")
         return calls, done
 
 
