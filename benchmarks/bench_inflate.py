@@ -25,16 +25,12 @@ import time
 import numpy as np
 
 from vballoon.balloon import Balloon
+from vballoon.cli import parse_size
 from vballoon.loopback import Frontend, GuestRam
 from vballoon.loopback.guest import BalloonGuest, PagePool
 from vballoon.transport import Server
 
 PAGE = 4096
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(text[:-1]) * units[text[-1].upper()] if text[-1].upper() in units else int(text)
 
 
 def populate(mm: mmap.mmap) -> None:

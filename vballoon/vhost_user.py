@@ -451,18 +451,18 @@ class Session:
         return None
 
     def _set_vring_call(self, msg: Message) -> None:
-        ring, fd = self._vring_fd(msg)
-        if ring.call_fd is not None:
-            os.close(ring.call_fd)
-        ring.call_fd = fd
-        return None
+        self._replace_fd(msg, "call_fd")
 
     def _set_vring_err(self, msg: Message) -> None:
+        self._replace_fd(msg, "err_fd")
+
+    def _replace_fd(self, msg: Message, attr: str) -> None:
+        """A ring's call or err eventfd: the new one (or none, NOFD) replaces and closes the old."""
         ring, fd = self._vring_fd(msg)
-        if ring.err_fd is not None:
-            os.close(ring.err_fd)
-        ring.err_fd = fd
-        return None
+        old = getattr(ring, attr)
+        if old is not None:
+            os.close(old)
+        setattr(ring, attr, fd)
 
     def _get_protocol_features(self, msg: Message) -> bytes:
         return _pack_reply(msg.request, U64.pack(PROTOCOL_FEATURES))
