@@ -1,4 +1,4 @@
 from setuptools import setup
 
-setup(cffi_modules=["vballoon/_fastbits_build.py:ffibuilder",
-                    "vballoon/_vring_build.py:ffibuilder"])
+setup(cffi_modules=["vballoon/fpmap/_fastbits_build.py:ffibuilder",
+                    "vballoon/virtio/_vring_build.py:ffibuilder"])

@@ -25,12 +25,12 @@ import time
 
 import numpy as np
 
-from vballoon.balloon import Balloon
-from vballoon.cli import parse_size
-from vballoon.loopback import Frontend, GuestRam
-from vballoon.loopback.guest import BalloonGuest
-from vballoon.scanner import BuddyModel, driver_chunks
-from vballoon.transport import Server
+from vballoon.devices.balloon.device import Balloon
+from vballoon.app.cli import parse_size
+from vballoon.sim import Frontend, GuestRam
+from vballoon.sim.guest import BalloonGuest
+from vballoon.sim.scanner import BuddyModel, driver_chunks
+from vballoon.vhost.transport import Server
 
 MiB = 1 << 20
 

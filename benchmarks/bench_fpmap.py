@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from vballoon.fpmap import BitmapRounds, Verdict
-from vballoon.scanner import BuddyModel, driver_chunks
+from vballoon.sim.scanner import BuddyModel, driver_chunks
 
 UNITS = {"K": 10, "M": 20, "G": 30, "T": 40}
 

@@ -33,12 +33,12 @@ import tempfile
 
 import numpy as np
 
-from vballoon.client import AsyncClient
-from vballoon.daemon import Daemon
-from vballoon.export import read_export
-from vballoon.loopback import Frontend, GuestRam
-from vballoon.loopback.guest import BalloonGuest
-from vballoon.scanner import BuddyModel
+from vballoon.control.client import AsyncClient
+from vballoon.app.daemon import Daemon
+from vballoon.fpmap.export import read_export
+from vballoon.sim import Frontend, GuestRam
+from vballoon.sim.guest import BalloonGuest
+from vballoon.sim.scanner import BuddyModel
 
 PAGE = 4096
 MiB, GiB = 1 << 20, 1 << 30
@@ -255,7 +255,7 @@ async def migrate(memory: int, seed: int, workdir: str) -> dict[str, int]:
 
 
 def parse_size(text: str) -> int:
-    from vballoon.cli import parse_size as parse
+    from vballoon.app.cli import parse_size as parse
     return parse(text)
 
 

@@ -33,7 +33,7 @@ mkdir -m 700 "$RUN/exports"
 
 # QEMU's num_vqs is the most queues the device may use (DESIGN.md: the driver's features pick
 # the ones it does use).  Ask the device for it rather than hard-coding it.
-NUM_VQS=$("$PYTHON" -c 'from vballoon.balloon import Balloon; print(Balloon().max_queues())')
+NUM_VQS=$("$PYTHON" -c 'from vballoon.devices.balloon import Balloon; print(Balloon().max_queues())')
 
 # Guest RAM must be shared memory (a memfd) for the back-end to map it; QEMU connects to the
 # back-end once, at start-up, so the daemon must listen first: it says so on stdout.

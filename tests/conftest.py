@@ -6,10 +6,10 @@ import os
 import pytest
 from vbtest import open_fds
 
-from vballoon.balloon import Balloon
-from vballoon.daemon import Daemon
-from vballoon.loopback import Frontend, GuestRam
-from vballoon.transport import Server
+from vballoon.devices.balloon.device import Balloon
+from vballoon.app.daemon import Daemon
+from vballoon.sim import Frontend, GuestRam
+from vballoon.vhost.transport import Server
 
 
 @pytest.fixture

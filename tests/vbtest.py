@@ -6,11 +6,11 @@ import os
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from vballoon.daemon import Daemon
-from vballoon.loopback import Frontend, GuestRam
-from vballoon.loopback.guest import BalloonGuest
-from vballoon.memory import GuestMemory
-from vballoon.scanner import BuddyModel
+from vballoon.app.daemon import Daemon
+from vballoon.sim import Frontend, GuestRam
+from vballoon.sim.guest import BalloonGuest
+from vballoon.virtio.memory import GuestMemory
+from vballoon.sim.scanner import BuddyModel
 
 MiB, GiB = 1 << 20, 1 << 30
 

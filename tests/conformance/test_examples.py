@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vballoon.balloon import Balloon
+from vballoon.devices.balloon.device import Balloon
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

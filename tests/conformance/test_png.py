@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vballoon.fpmap import FreePageMap
-from vballoon.picture import CATEGORIES, count_pixels, pages_per_pixel, render_png
+from vballoon.fpmap.picture import CATEGORIES, count_pixels, pages_per_pixel, render_png
 
 MiB = 1 << 20
 COLOUR = {name: rgb for name, rgb, _ in CATEGORIES}

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
-from vballoon import control
-from vballoon.client import Client, QMPCommandError, QMPConnectionError
+from vballoon.control import server as control
+from vballoon.control.client import Client, QMPCommandError, QMPConnectionError
 
 GiB, MiB = 1 << 30, 1 << 20
 

@@ -12,11 +12,11 @@ import sys
 import pytest
 
 from vbtest import open_fds
-from vballoon.balloon import Balloon
+from vballoon.devices.balloon.device import Balloon
 from vballoon.errors import ConfigError
-from vballoon.loopback import Frontend, GuestRam
-from vballoon.loopback.guest import BalloonGuest
-from vballoon.transport import Server, listen_unix
+from vballoon.sim import Frontend, GuestRam
+from vballoon.sim.guest import BalloonGuest
+from vballoon.vhost.transport import Server, listen_unix
 from vballoon.wire import C, HEADER, VRING_STATE
 
 V1 = C.VHOST_USER_VERSION

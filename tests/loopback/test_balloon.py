@@ -5,11 +5,11 @@ import asyncio
 
 import pytest
 
-from vballoon.balloon import Balloon, merge_runs, pfn_runs
+from vballoon.devices.balloon.device import Balloon, merge_runs, pfn_runs
 from vballoon.errors import ConfigError
-from vballoon.loopback import Frontend, GuestRam
-from vballoon.loopback.guest import BalloonGuest
-from vballoon.transport import Server
+from vballoon.sim import Frontend, GuestRam
+from vballoon.sim.guest import BalloonGuest
+from vballoon.vhost.transport import Server
 from vballoon.wire import BALLOON_CONFIG, BALLOON_STAT, C, LE32
 
 MiB = 1 << 20
@@ -291,7 +291,7 @@ async def test_a_hint_round_the_guest_never_stops_times_out_with_done(rig):
 
 
 def test_the_guest_page_pool_hands_out_deflated_pages_first_then_ram_top_down():
-    from vballoon.loopback.guest import PagePool
+    from vballoon.sim.guest import PagePool
     p = PagePool([range(99, 89, -1)], pages=[1, 2, 3])
     assert p[:5] == [1, 2, 3, 99, 98] and p[0] == 1 and len(p) == 13
     assert p.take(4) == [1, 2, 3, 99] and p[:2] == [98, 97]

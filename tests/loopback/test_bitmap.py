@@ -6,13 +6,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from vballoon.balloon import Balloon
+from vballoon.devices.balloon.device import Balloon
 from vballoon.errors import ConfigError
 from vballoon.fpmap import FreePageMap, RoundState
-from vballoon.loopback import Frontend, GuestRam
-from vballoon.loopback.guest import BalloonGuest
-from vballoon.scanner import BuddyModel, Chunk
-from vballoon.transport import Server
+from vballoon.sim import Frontend, GuestRam
+from vballoon.sim.guest import BalloonGuest
+from vballoon.sim.scanner import BuddyModel, Chunk
+from vballoon.vhost.transport import Server
 from vballoon.wire import C
 
 MiB = 1 << 20

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from vbtest import attached_guest
 
-from vballoon import control, ctl
-from vballoon.client import AsyncClient, QMPCommandError
-from vballoon.daemon import Daemon
+from vballoon.app import ctl
+from vballoon.control import server as control
+from vballoon.control.client import AsyncClient, QMPCommandError
+from vballoon.app.daemon import Daemon
 from vballoon.errors import ConfigError
-from vballoon.export import read_export
+from vballoon.fpmap.export import read_export
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -429,7 +430,7 @@ async def test_ctl_reports_failures_on_stderr_with_status_1(daemon, tmp_path):
 
 
 def test_ctl_events_prints_each_event_once_in_order():
-    from vballoon.client import Event
+    from vballoon.control.client import Event
 
     class Session:                                   # the two calls `ctl events` makes
         event_serial = 0

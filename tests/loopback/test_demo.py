@@ -4,7 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from vballoon.export import read_export
+from vballoon.fpmap.export import read_export
 
 
 def test_demo_runs_a_round_and_writes_the_map_and_its_picture(tmp_path):

@@ -53,8 +53,8 @@ from harness import (
     Guest, GuestError, GuestTimeout, Qmp, eventually, set_pdeathsig, wait_until,
 )
 
-from vballoon.balloon import FEATURE_NAMES, Balloon
-from vballoon.daemon import Daemon
+from vballoon.devices.balloon.device import FEATURE_NAMES, Balloon
+from vballoon.app.daemon import Daemon
 
 pytestmark = pytest.mark.qemu
 

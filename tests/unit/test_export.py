@@ -9,9 +9,9 @@ import stat
 import numpy as np
 import pytest
 
-from vballoon.balloon import HintRound
+from vballoon.devices.balloon.device import HintRound
 from vballoon.errors import ConfigError
-from vballoon.export import (HEADER, MAGIC, ExportFormatError, read_export, write_atomically,
+from vballoon.fpmap.export import (HEADER, MAGIC, ExportFormatError, read_export, write_atomically,
                              write_export)
 from vballoon.fpmap import FreePageMap, Round, RoundState
 from vballoon.wire import C, ffi

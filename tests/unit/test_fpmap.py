@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from vballoon import fpmap
-from vballoon._fastbits import ffi, lib
-from vballoon.fpmap import (BitmapRounds, CHUNK_HEADER, FreePageMap, REQUEST, RoundState,
-                            Verdict)
+from vballoon.fpmap import map as fpmap
+from vballoon.fpmap._fastbits import ffi, lib
+from vballoon.fpmap import BitmapRounds, FreePageMap, RoundState, Verdict
+from vballoon.fpmap.map import CHUNK_HEADER, REQUEST
 from vballoon.wire import C, ffi as wire_ffi
 
 GiB = 1 << 30

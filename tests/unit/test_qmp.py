@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vballoon import qmp
-from vballoon.control import COMMANDS, version_info
-from vballoon.qmp import (CLOSED, COMMAND_NOT_FOUND, GENERIC_ERROR, NEED_DATA, PAUSED, Command,
+from vballoon.control import qmp
+from vballoon.control.server import COMMANDS, version_info
+from vballoon.control.qmp import (CLOSED, COMMAND_NOT_FOUND, GENERIC_ERROR, NEED_DATA, PAUSED, Command,
                           Enum, Execute, Framer, ServerConnection)
 
 SCHEMA = (

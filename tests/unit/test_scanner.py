@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from vballoon.fpmap import REQUEST, BitmapRounds, RoundState, Verdict
-from vballoon.scanner import (MAX_ORDER, BuddyModel, SeedUndefinedBehaviour, Zone, bitmap_set,
+from vballoon.fpmap import BitmapRounds, RoundState, Verdict
+from vballoon.fpmap.map import REQUEST
+from vballoon.sim.scanner import (MAX_ORDER, BuddyModel, SeedUndefinedBehaviour, Zone, bitmap_set,
                               buddy_blocks, driver_chunks, respond)
 from vballoon.wire import C
 

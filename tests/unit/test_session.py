@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-from vballoon.balloon import Balloon
+from vballoon.devices.balloon.device import Balloon
 from vballoon.errors import FrontendError
-from vballoon.loopback import GuestRam
-from vballoon.vhost_user import F_PROTOCOL_FEATURES, PROTOCOL_FEATURES, Message, Session
+from vballoon.sim import GuestRam
+from vballoon.vhost.session import F_PROTOCOL_FEATURES, PROTOCOL_FEATURES, Message, Session
 from vballoon.wire import C, CONFIG, HEADER, MEM_REGION, MEMORY, U64, VRING_ADDR, VRING_STATE
 
 NEED = C.VHOST_USER_VERSION | C.VHOST_USER_NEED_REPLY_MASK

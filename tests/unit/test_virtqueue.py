@@ -8,9 +8,9 @@ from hypothesis import given, settings, strategies as st
 
 from vbtest import mapped
 from vballoon.errors import GuestError, GuestMemoryError
-from vballoon.loopback import DriverQueue, GuestRam
-from vballoon._vring import ffi
-from vballoon.virtqueue import VirtQueue
+from vballoon.sim import DriverQueue, GuestRam
+from vballoon.virtio._vring import ffi
+from vballoon.virtio.virtqueue import VirtQueue
 from vballoon.wire import C
 
 NEXT, WRITE, INDIRECT = C.VRING_DESC_F_NEXT, C.VRING_DESC_F_WRITE, C.VRING_DESC_F_INDIRECT

@@ -12,10 +12,10 @@ name; the session then marks the queue broken (it stays so until the front-end s
 from __future__ import annotations
 
 from typing import Any, NamedTuple
-from ._vring import ffi as _ffi, lib as _lib
-from .errors import GuestError, GuestMemoryError
-from .memory import GuestMemory
-from .wire import AVAIL, C, DESC, LE16, USED, USED_ELEM
+from vballoon.virtio._vring import ffi as _ffi, lib as _lib
+from vballoon.errors import GuestError, GuestMemoryError
+from vballoon.virtio.memory import GuestMemory
+from vballoon.wire import AVAIL, C, DESC, LE16, USED, USED_ELEM
 
 DESC_SIZE = DESC.size
 _DESC = DESC.struct

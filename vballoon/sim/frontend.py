@@ -13,10 +13,10 @@ import os
 import socket
 from typing import Sequence
 
-from ..transport import ConnectionClosed, read_message, send_message
-from ..vhost_user import F_PROTOCOL_FEATURES, NAMES
-from ..wire import C, CONFIG, HEADER, MEM_REGION, MEMORY, U64, VRING_ADDR, VRING_STATE
-from .driver import DriverQueue, GuestRam
+from vballoon.vhost.transport import ConnectionClosed, read_message, send_message
+from vballoon.vhost.session import F_PROTOCOL_FEATURES, NAMES
+from vballoon.wire import C, CONFIG, HEADER, MEM_REGION, MEMORY, U64, VRING_ADDR, VRING_STATE
+from vballoon.sim.driver import DriverQueue, GuestRam
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ from typing import IO, Any, Iterator
 
 import numpy as np
 
-from .balloon import round_kind, round_state
-from .errors import ConfigError
-from .fpmap import MAX_PFNS, PAGE_SHIFT, FreePageMap
-from .wire import C, Layout
+from vballoon.devices.balloon.device import round_kind, round_state
+from vballoon.errors import ConfigError
+from vballoon.fpmap.map import MAX_PFNS, PAGE_SHIFT, FreePageMap
+from vballoon.wire import C, Layout
 
 HEADER = Layout("vballoon_export_header")
 EXTENT = Layout("vballoon_export_extent")

@@ -14,8 +14,8 @@ import time
 from datetime import datetime
 from typing import Any, TextIO
 
-from .client import Client, QMPCommandError, QMPConnectionError, RoundInfo
-from .errors import VballoonError
+from vballoon.control.client import Client, QMPCommandError, QMPConnectionError, RoundInfo
+from vballoon.errors import VballoonError
 
 PAGE = 4096
 PROGRESS_PERIOD = 0.25          # seconds between progress lines of `round start --wait`
@@ -44,7 +44,7 @@ def _round_id(text: str) -> int | None:
 
 
 def _size(text: str) -> int:
-    from .cli import parse_size
+    from vballoon.app.cli import parse_size
     try:
         return parse_size(text)
     except ValueError as e:
@@ -173,8 +173,8 @@ def _start_round(c: Client, args: argparse.Namespace, err: TextIO) -> RoundInfo:
 
 
 def _map(c: Client, args: argparse.Namespace, out: TextIO) -> Any:
-    from .export import read_export
-    from .picture import render_png
+    from vballoon.fpmap.export import read_export
+    from vballoon.fpmap.picture import render_png
     tmp = f".vballoon-ctl-map-{os.getpid()}.bin"
     info = c.export(tmp, "bitmap", args.id)
     try:

@@ -238,7 +238,7 @@ full:                               /* m is even here: every start written has i
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
-ffibuilder.set_source("vballoon._fastbits", SOURCE,
+ffibuilder.set_source("vballoon.fpmap._fastbits", SOURCE,
                       extra_compile_args=["-O3", "-std=c99", "-Wall", "-Wextra"])
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .errors import ConfigError
-from .wire import C, Layout
+from vballoon.errors import ConfigError
+from vballoon.wire import C, Layout
 
 MAX_ORDER = 11                       # orders 0..10: 4 MiB blocks (Linux MAX_ORDER, x86 default)
 MIGRATE_TYPES = ("Unmovable", "Movable", "Reclaimable", "HighAtomic", "CMA", "Isolate")

@@ -13,11 +13,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..balloon import FEATURE_NAMES, queue_roles
-from ..scanner import BuddyModel, Chunk, respond
-from ..wire import BALLOON_CONFIG, BALLOON_STAT, C, LE32
-from .driver import DriverQueue, GuestRam
-from .frontend import Frontend
+from vballoon.devices.balloon.device import FEATURE_NAMES, queue_roles
+from vballoon.sim.scanner import BuddyModel, Chunk, respond
+from vballoon.wire import BALLOON_CONFIG, BALLOON_STAT, C, LE32
+from vballoon.sim.driver import DriverQueue, GuestRam
+from vballoon.sim.frontend import Frontend
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 A migration engine that tracks dirty pages itself uses it like this (the contract is in
 ``shared/DESIGN.md``: dirty tracking starts *before* the round is requested)::
 
-    from vballoon.client import Client
+    from vballoon.control.client import Client
 
     with Client("/run/vballoon/control.sock") as vb:
         start_dirty_tracking()                       # the engine's own
@@ -34,7 +34,7 @@ from typing import Any, AsyncIterator, Callable, Coroutine, TypeVar
 
 import numpy as np
 
-from .errors import VballoonError
+from vballoon.errors import VballoonError
 
 MAX_REPLY = 64 << 20          # bytes of one reply line (65536 ranges take about 3 MiB)
 EVENT_HISTORY = 1024          # events kept for wait_event()/wait_round()

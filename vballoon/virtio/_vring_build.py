@@ -176,7 +176,7 @@ void vq_wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
-ffibuilder.set_source("vballoon._vring", SOURCE, define_macros=[("_DEFAULT_SOURCE", None)],
+ffibuilder.set_source("vballoon.virtio._vring", SOURCE, define_macros=[("_DEFAULT_SOURCE", None)],
                       extra_compile_args=["-O2", "-std=c99", "-Wall", "-Wextra"])
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ import mmap
 import os
 from dataclasses import dataclass
 
-from ..memory import RegionSpec
-from ..virtqueue import AVAIL_RING, DESC_SIZE, USED_RING, avail_size, used_size
-from ..wire import C, DESC, LE16, USED_ELEM
+from vballoon.virtio.memory import RegionSpec
+from vballoon.virtio.virtqueue import AVAIL_RING, DESC_SIZE, USED_RING, avail_size, used_size
+from vballoon.wire import C, DESC, LE16, USED_ELEM
 
 UVA_BASE = 0x7F12_3400_0000     # where "the front-end" pretends to have mapped guest RAM
 

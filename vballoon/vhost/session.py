@@ -22,11 +22,11 @@ import os
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
-from .device import Device
-from .errors import FrontendError, GuestError
-from .memory import GuestMemory, RegionSpec
-from .virtqueue import VirtQueue
-from .wire import (C, CONFIG, HEADER, MEM_REGION, MEMORY, U64, VRING_ADDR, VRING_STATE)
+from vballoon.virtio.device import Device
+from vballoon.errors import FrontendError, GuestError
+from vballoon.virtio.memory import GuestMemory, RegionSpec
+from vballoon.virtio.virtqueue import VirtQueue
+from vballoon.wire import (C, CONFIG, HEADER, MEM_REGION, MEMORY, U64, VRING_ADDR, VRING_STATE)
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ._vring import ffi as _ffi, lib as _lib
-from .errors import FrontendError, GuestMemoryError
+from vballoon.virtio._vring import ffi as _ffi, lib as _lib
+from vballoon.errors import FrontendError, GuestMemoryError
 
 log = logging.getLogger(__name__)
 

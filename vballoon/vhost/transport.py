@@ -14,10 +14,10 @@ import socket
 import stat
 from typing import Callable
 
-from .device import Device
-from .errors import ConfigError, FrontendError
-from .vhost_user import Action, Message, Session
-from .wire import C, HEADER
+from vballoon.virtio.device import Device
+from vballoon.errors import ConfigError, FrontendError
+from vballoon.vhost.session import Action, Message, Session
+from vballoon.wire import C, HEADER
 
 log = logging.getLogger(__name__)
 

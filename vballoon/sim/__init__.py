@@ -4,7 +4,7 @@ Real vhost-user over a real Unix socket, guest RAM in a real memfd, real eventfd
 cannot tell it from QEMU (it follows the message sequences QEMU 11.1 sends, recorded in
 shared/research/qemu-lab.md), and every test runs without QEMU.
 """
-from .driver import DriverQueue, GuestRam
-from .frontend import Frontend
+from vballoon.sim.driver import DriverQueue, GuestRam
+from vballoon.sim.frontend import Frontend
 
 __all__ = ["DriverQueue", "Frontend", "GuestRam"]

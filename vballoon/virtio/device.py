@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .memory import GuestMemory
-from .virtqueue import VirtQueue
+from vballoon.virtio.memory import GuestMemory
+from vballoon.virtio.virtqueue import VirtQueue
 
 
 class Device:

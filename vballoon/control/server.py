@@ -26,12 +26,13 @@ import select
 import time
 from typing import Any, Awaitable, Callable
 
-from . import __version__, qmp
-from .daemon import DeviceNotActive
-from .errors import VballoonError
-from .export import write_export
-from .qmp import GENERIC_ERROR, Command, CommandError, Enum
-from .transport import listen_unix
+from vballoon import __version__
+from vballoon.control import qmp
+from vballoon.app.daemon import DeviceNotActive
+from vballoon.errors import VballoonError
+from vballoon.fpmap.export import write_export
+from vballoon.control.qmp import GENERIC_ERROR, Command, CommandError, Enum
+from vballoon.vhost.transport import listen_unix
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ import signal
 import time
 from typing import Any, Callable, Iterable
 
-from .balloon import PAGE, Balloon, HintRound, round_kind, round_state
-from .errors import ConfigError
-from .fpmap import Round
-from .transport import Server
+from vballoon.devices.balloon.device import PAGE, Balloon, HintRound, round_kind, round_state
+from vballoon.errors import ConfigError
+from vballoon.fpmap import Round
+from vballoon.vhost.transport import Server
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Daemon:
             self._tasks.append(asyncio.ensure_future(
                 self._timer(self.stats_interval, self.device.request_stats)))
         if self.control_path is not None:
-            from .control import ControlServer
+            from vballoon.control.server import ControlServer
             self.control = ControlServer(self.control_path, self)
             await self.control.start()
         log.info("listening on %s (queues: %d, features offered: %#x)", self.socket_path,

@@ -14,14 +14,14 @@ import time
 
 import numpy as np
 
-from .balloon import PAGE
-from .cli import parse_size
-from .daemon import Daemon
-from .export import read_export, write_export
-from .loopback import Frontend, GuestRam
-from .loopback.guest import BalloonGuest
-from .picture import render_png
-from .scanner import BuddyModel, driver_chunks
+from vballoon.devices.balloon.device import PAGE
+from vballoon.app.cli import parse_size
+from vballoon.app.daemon import Daemon
+from vballoon.fpmap.export import read_export, write_export
+from vballoon.sim import Frontend, GuestRam
+from vballoon.sim.guest import BalloonGuest
+from vballoon.fpmap.picture import render_png
+from vballoon.sim.scanner import BuddyModel, driver_chunks
 
 MiB, GiB = 1 << 20, 1 << 30
 

@@ -18,12 +18,12 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .device import Device
-from .errors import ConfigError, GuestError
-from .fpmap import BitmapRounds, FreePageMap, Round, Verdict
-from .memory import GuestMemory
-from .virtqueue import Chain, VirtQueue
-from .wire import BALLOON_CONFIG, BALLOON_STAT, C, LE32
+from vballoon.virtio.device import Device
+from vballoon.errors import ConfigError, GuestError
+from vballoon.fpmap import BitmapRounds, FreePageMap, Round, Verdict
+from vballoon.virtio.memory import GuestMemory
+from vballoon.virtio.virtqueue import Chain, VirtQueue
+from vballoon.wire import BALLOON_CONFIG, BALLOON_STAT, C, LE32
 
 log = logging.getLogger(__name__)
 

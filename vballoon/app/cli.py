@@ -6,8 +6,8 @@ import asyncio
 import logging
 import sys
 
-from .balloon import FEATURE_NAMES
-from .errors import ConfigError
+from vballoon.devices.balloon.device import FEATURE_NAMES
+from vballoon.errors import ConfigError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=2, help="seed of the simulated guest's layout")
     d.add_argument("--out", default="vballoon-demo", metavar="DIR",
                    help="where the map (and its picture) are written (default ./vballoon-demo)")
-    from .ctl import add_parser as add_ctl_parser
+    from vballoon.app.ctl import add_parser as add_ctl_parser
     add_ctl_parser(sub)
     return p
 
@@ -77,15 +77,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
-            from .daemon import serve
+            from vballoon.app.daemon import serve
             asyncio.run(serve(args.socket_path, features=_features(args.feature),
                               stats_interval=args.stats_interval,
                               control_path=args.control_socket, export_dir=args.export_dir))
         elif args.command == "demo":
-            from .demo import run_demo
+            from vballoon.app.demo import run_demo
             return asyncio.run(run_demo(args.memory, seed=args.seed, out=args.out))
         elif args.command == "ctl":
-            from .ctl import run as run_ctl
+            from vballoon.app.ctl import run as run_ctl
             return run_ctl(args)
     except ConfigError as e:
         print(f"vballoon: error: {e}", file=sys.stderr)

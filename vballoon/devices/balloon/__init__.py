@@ -1,0 +1,3 @@
+from vballoon.devices.balloon.device import Balloon
+
+__all__ = ["Balloon"]
