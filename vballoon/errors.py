@@ -5,6 +5,7 @@
      +- GuestError        the guest broke the virtio spec (ring, descriptor chain, buffer)
      |   +- GuestMemoryError   an address or length outside the guest's memory
      +- ConfigError       bad command-line or API input
+         +- DeviceNotActive   no guest driver is attached (QEMU's error class of that name)
 """
 from __future__ import annotations
 
@@ -31,3 +32,10 @@ class GuestMemoryError(GuestError):
 
 class ConfigError(VballoonError, ValueError):
     """Bad input from the command line or the Python API."""
+
+
+class DeviceNotActive(ConfigError):
+    """No guest driver is attached (QEMU's error class of the same name)."""
+
+    def __init__(self) -> None:
+        super().__init__("device-not-active", "No balloon device has been activated")

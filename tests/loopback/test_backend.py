@@ -16,7 +16,8 @@ from vballoon.devices.balloon.device import Balloon
 from vballoon.errors import ConfigError
 from vballoon.sim import Frontend, GuestRam
 from vballoon.sim.guest import BalloonGuest
-from vballoon.vhost.transport import Server, listen_unix
+from vballoon.sockets import listen_unix
+from vballoon.vhost.transport import Server
 from vballoon.wire import C, HEADER, VRING_STATE
 
 V1 = C.VHOST_USER_VERSION

@@ -13,20 +13,13 @@ import time
 from typing import Any, Callable, Iterable
 
 from vballoon.devices.balloon.device import PAGE, Balloon, HintRound, round_kind, round_state
-from vballoon.errors import ConfigError
+from vballoon.errors import ConfigError, DeviceNotActive
 from vballoon.fpmap import Round
 from vballoon.vhost.transport import Server
 
 log = logging.getLogger(__name__)
 
 TICK = 1.0      # seconds between checks of round time-outs
-
-
-class DeviceNotActive(ConfigError):
-    """No guest driver is attached (QEMU's error class of the same name)."""
-
-    def __init__(self) -> None:
-        super().__init__("device-not-active", "No balloon device has been activated")
 
 
 class Daemon:
@@ -66,7 +59,7 @@ class Daemon:
     async def _timer(self, period: float, fn: Callable[[], object]) -> None:
         while True:
             await asyncio.sleep(period)
-            if self.server is not None and self.server.connection is not None:
+            if self.server is not None and self.server.connected:
                 fn()
 
     def _tick(self) -> None:
@@ -119,8 +112,8 @@ class Daemon:
     @property
     def active(self) -> bool:
         """A guest driver is attached: a front-end is connected and the driver set features."""
-        conn = self.server.connection if self.server else None
-        return conn is not None and conn.session.features_set and self.device.mem is not None
+        return self.server is not None and self.server.driver_attached \
+            and self.device.mem is not None
 
     def _require_active(self) -> None:
         if not self.active:

@@ -28,11 +28,10 @@ from typing import Any, Awaitable, Callable
 
 from vballoon import __version__
 from vballoon.control import qmp
-from vballoon.app.daemon import DeviceNotActive
-from vballoon.errors import VballoonError
+from vballoon.errors import DeviceNotActive, VballoonError
 from vballoon.fpmap.export import write_export
 from vballoon.control.qmp import GENERIC_ERROR, Command, CommandError, Enum
-from vballoon.vhost.transport import listen_unix
+from vballoon.sockets import listen_unix
 
 log = logging.getLogger(__name__)
 

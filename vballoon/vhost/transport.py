@@ -11,11 +11,11 @@ import asyncio
 import logging
 import os
 import socket
-import stat
 from typing import Callable
 
 from vballoon.virtio.device import Device
-from vballoon.errors import ConfigError, FrontendError
+from vballoon.errors import FrontendError
+from vballoon.sockets import listen_unix
 from vballoon.vhost.session import Action, Message, Session
 from vballoon.wire import C, HEADER
 
@@ -199,54 +199,6 @@ class Connection:
         self.sock.close()
 
 
-def _path_in_use(path: str) -> bool:
-    """True if something answers on ``path``; a stale socket file is not in use."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-        return True
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    finally:
-        probe.close()
-
-
-def listen_unix(path: str, mode: int | None = None) -> socket.socket:
-    """Bind, listen, then rename into place: the path only ever names a listening socket.
-
-    With ``mode`` the socket file is born with it (masked by the umask): Linux gives the file
-    the mode of the socket's inode, which fchmod sets before bind.  Refuses a path that
-    another process serves, or that is not a socket.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ConfigError("socket-path-not-socket", f"{path} exists and is not a socket")
-        if _path_in_use(path):
-            raise ConfigError("socket-path-in-use", f"{path} is already served by another "
-                              "process")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if mode is not None:
-            os.fchmod(sock.fileno(), mode)
-        sock.bind(tmp)
-        sock.listen(4)
-        os.rename(tmp, path)
-    except OSError as e:
-        sock.close()
-        raise ConfigError("socket-path", f"cannot listen on {path}: {e}") from None
-    sock.setblocking(False)
-    return sock
-
-
 class Server:
     """Serves one device on a Unix socket, one front-end at a time, until :meth:`close`."""
 
@@ -286,6 +238,16 @@ class Server:
             c.close()
         finally:
             self.connection = None
+
+    @property
+    def connected(self) -> bool:
+        """A front-end is connected."""
+        return self.connection is not None
+
+    @property
+    def driver_attached(self) -> bool:
+        """A front-end is connected and the guest's driver has set its features."""
+        return self.connection is not None and self.connection.session.features_set
 
     async def close(self) -> None:
         for task in (self._accept, self._task):
