@@ -10,12 +10,35 @@ import asyncio
 import mmap
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from vballoon.virtio.memory import RegionSpec
-from vballoon.virtio.virtqueue import AVAIL_RING, DESC_SIZE, USED_RING, avail_size, used_size
 from vballoon.wire import C, DESC, LE16, USED_ELEM
 
+# The split ring's layout, from the spec (VIRTIO 1.2 §2.7.2), not from the device's code: a
+# descriptor is 16 bytes; avail is {le16 flags, le16 idx, le16 ring[num], le16 used_event};
+# used is {le16 flags, le16 idx, {le32 id, le32 len} ring[num], le16 avail_event}.
+DESC_SIZE = 16
+AVAIL_RING = 4
+USED_RING = 4
+
+
+def avail_size(num: int) -> int:
+    return AVAIL_RING + 2 * num + 2
+
+
+def used_size(num: int) -> int:
+    return USED_RING + 8 * num + 2
+
 UVA_BASE = 0x7F12_3400_0000     # where "the front-end" pretends to have mapped guest RAM
+
+
+class Region(NamedTuple):
+    """One entry of the memory table the front-end sends (VhostUserMemoryRegion)."""
+
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    mmap_offset: int
 
 
 class GuestRam:
@@ -35,10 +58,10 @@ class GuestRam:
         os.ftruncate(self.fd, total)
         self.mm = mmap.mmap(self.fd, total, flags=mmap.MAP_SHARED)
         self.view = memoryview(self.mm)
-        self.regions: list[RegionSpec] = []
+        self.regions: list[Region] = []
         off = 0
         for gpa, size in layout:
-            self.regions.append(RegionSpec(gpa, size, UVA_BASE + off, off))
+            self.regions.append(Region(gpa, size, UVA_BASE + off, off))
             off += size
         self.size = total
         self._next = self.regions[0].guest_phys_addr + 0x1000   # keep page 0 unused

@@ -1,24 +1,108 @@
 """A vhost-user front-end that behaves as QEMU 11.1's generic device does.
 
-The sequences are QEMU's (shared/research/qemu-lab.md, "Step 3"): :meth:`Frontend.init` at
-device realize, :meth:`Frontend.start` at the guest's DRIVER_OK, :meth:`Frontend.stop` at guest
-reset or poweroff, :meth:`Frontend.close` when QEMU exits.  Replies are checked as QEMU checks
-them (flags exactly 0x5, same request code, exact size).
+The sequences are QEMU's (``hw/virtio/vhost.c``, ``vhost-user.c``, as recorded against QEMU
+11.1.3): :meth:`Frontend.init` at device realize, :meth:`Frontend.start` at the guest's
+DRIVER_OK, :meth:`Frontend.stop` at guest reset or poweroff, :meth:`Frontend.close` when QEMU
+exits.  Replies are checked as QEMU checks them (flags exactly 0x5, same request code, exact
+size).
+
+The framing (header, payload, SCM_RIGHTS) is written here from the spec, not borrowed from the
+daemon's transport, so a framing bug on one side shows up as a disagreement in the tests.
 """
 from __future__ import annotations
 
+import array
 import asyncio
 import logging
 import os
 import socket
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
-from vballoon.vhost.transport import ConnectionClosed, read_message, send_message
-from vballoon.vhost.session import F_PROTOCOL_FEATURES, NAMES
-from vballoon.wire import C, CONFIG, HEADER, MEM_REGION, MEMORY, U64, VRING_ADDR, VRING_STATE
 from vballoon.sim.driver import DriverQueue, GuestRam
+from vballoon.wire import C, CONFIG, HEADER, MEM_REGION, MEMORY, U64, VRING_ADDR, VRING_STATE
 
 log = logging.getLogger(__name__)
+
+F_PROTOCOL_FEATURES = 1 << 30           # VHOST_USER_F_PROTOCOL_FEATURES
+MAX_FDS = 8                             # fds one message may carry
+# The requests this front-end sends, for its error messages (vhost-user.rst's numbering).
+NAMES = {1: "GET_FEATURES", 2: "SET_FEATURES", 3: "SET_OWNER", 4: "RESET_OWNER",
+         5: "SET_MEM_TABLE", 8: "SET_VRING_NUM", 9: "SET_VRING_ADDR", 10: "SET_VRING_BASE",
+         11: "GET_VRING_BASE", 12: "SET_VRING_KICK", 13: "SET_VRING_CALL",
+         14: "SET_VRING_ERR", 15: "GET_PROTOCOL_FEATURES", 16: "SET_PROTOCOL_FEATURES",
+         17: "GET_QUEUE_NUM", 18: "SET_VRING_ENABLE", 21: "SET_BACKEND_REQ_FD",
+         24: "GET_CONFIG", 25: "SET_CONFIG"}
+
+
+class ConnectionClosed(Exception):
+    """The back-end closed the connection."""
+
+
+class Message(NamedTuple):
+    request: int
+    flags: int
+    payload: bytes
+    fds: list[int]
+
+
+async def _recv_exact(sock: socket.socket, n: int, fds: list[int]) -> bytes:
+    loop = asyncio.get_running_loop()
+    out = b""
+    while len(out) < n:
+        try:
+            data, anc, _flags, _ = sock.recvmsg(n - len(out),
+                                                socket.CMSG_SPACE(MAX_FDS * 4))
+        except (BlockingIOError, InterruptedError):
+            ready = loop.create_future()
+            loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+            try:
+                await ready
+            finally:
+                loop.remove_reader(sock.fileno())
+            continue
+        except ConnectionResetError:
+            raise ConnectionClosed("connection reset") from None
+        for level, kind, raw in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", raw[:len(raw) - len(raw) % 4]))
+        if not data:
+            raise ConnectionClosed("end of file")
+        out += data
+    return out
+
+
+async def read_message(sock: socket.socket) -> Message:
+    """One message: the 12-byte header {u32 request, u32 flags, u32 size}, then the payload."""
+    fds: list[int] = []
+    try:
+        request, flags, size = HEADER.unpack(await _recv_exact(sock, HEADER.size, fds))
+        payload = await _recv_exact(sock, size, fds) if size else b""
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return Message(request, flags, payload, fds)
+
+
+async def send_message(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
+    """The whole message in one sendmsg where possible; fds ride on the first part only."""
+    loop = asyncio.get_running_loop()
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.sendmsg([view], anc)
+        except (BlockingIOError, InterruptedError):
+            ready = loop.create_future()
+            loop.add_writer(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+            try:
+                await ready
+            finally:
+                loop.remove_writer(sock.fileno())
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            raise ConnectionClosed("peer went away") from None
+        view, anc = view[sent:], []
 
 WANTED_PROTOCOL = (1 << C.VHOST_USER_PROTOCOL_F_MQ | 1 << C.VHOST_USER_PROTOCOL_F_REPLY_ACK
                    | 1 << C.VHOST_USER_PROTOCOL_F_CONFIG
@@ -63,7 +147,7 @@ class Frontend:
                            list(fds))
 
     async def recv_reply(self, request: int) -> bytes:
-        msg = await read_message(self.sock, lambda r, f, s: None)
+        msg = await read_message(self.sock)
         for fd in msg.fds:
             os.close(fd)
         if msg.flags != C.VHOST_USER_VERSION | C.VHOST_USER_REPLY_MASK:
@@ -81,7 +165,7 @@ class Frontend:
     async def call_u64(self, request: int) -> int:
         reply = await self.call(request)
         if len(reply) != 8:
-            raise ReplyError(f"{NAMES[request]}: {len(reply)}-byte reply")
+            raise ReplyError(f"{NAMES.get(request, request)}: {len(reply)}-byte reply")
         return U64.unpack(reply)[0]
 
     async def write(self, request: int, payload: bytes = b"", fds: Sequence[int] = (), *,
@@ -93,12 +177,12 @@ class Frontend:
         if need:
             reply = await self.recv_reply(request)
             if len(reply) != 8 or U64.unpack(reply)[0] != 0:
-                raise ReplyError(f"{NAMES[request]} failed (ack {reply.hex()})")
+                raise ReplyError(f"{NAMES.get(request, request)} failed (ack {reply.hex()})")
 
     # -- QEMU's sequences ----------------------------------------------------------------
 
     async def init(self, num_queues: int) -> None:
-        """Device realize: vhost_dev_init (qemu-lab.md, table A)."""
+        """Device realize: vhost_dev_init."""
         self.features = await self.call_u64(C.VHOST_USER_GET_FEATURES)
         if self.features & F_PROTOCOL_FEATURES:
             offered = await self.call_u64(C.VHOST_USER_GET_PROTOCOL_FEATURES)
@@ -131,7 +215,7 @@ class Frontend:
             await self.write(C.VHOST_USER_SET_VRING_ERR, U64.pack(i), [err])
 
     async def start(self, ram: GuestRam, acked: int, queues: Sequence[DriverQueue]) -> None:
-        """The guest's DRIVER_OK: vhost_dev_start (qemu-lab.md, table B)."""
+        """The guest's DRIVER_OK: vhost_dev_start."""
         await self.write(C.VHOST_USER_SET_FEATURES, U64.pack(acked | F_PROTOCOL_FEATURES),
                          sync=False)
         await self.set_mem_table(ram)
@@ -158,7 +242,7 @@ class Frontend:
         await self.write(C.VHOST_USER_SET_MEM_TABLE, payload, [ram.fd] * len(ram.regions))
 
     async def stop(self) -> dict[int, int]:
-        """Guest reset or poweroff: vhost_dev_stop (qemu-lab.md, table D)."""
+        """Guest reset or poweroff: vhost_dev_stop."""
         for i in range(self.num_queues):
             await self.write(C.VHOST_USER_SET_VRING_ENABLE, VRING_STATE.pack(i, 0))
         for i in sorted(self.queues):
@@ -187,7 +271,7 @@ class Frontend:
         assert self._backend is not None
         try:
             while True:
-                msg = await read_message(self._backend, lambda r, f, s: None)
+                msg = await read_message(self._backend)
                 for fd in msg.fds:
                     os.close(fd)
                 if msg.request == C.VHOST_USER_BACKEND_CONFIG_CHANGE_MSG:

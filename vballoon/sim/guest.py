@@ -1,7 +1,7 @@
 """A guest balloon driver, modelled on Linux's drivers/virtio/virtio_balloon.c.
 
-It negotiates a chosen subset of the offered features, numbers its queues as Linux does
-(compacted: absent queues take no index), primes the stats queue, answers config changes by
+It negotiates a chosen subset of the offered features, numbers its queues as Linux's
+``init_vqs`` does (compacted: absent queues take no index; its own table, not the device's), primes the stats queue, answers config changes by
 inflating or deflating in 256-PFN buffers and writing ``actual`` back, answers stats requests,
 takes part in free page hint rounds and reports free pages.  Its page allocator is a plain
 pool of PFNs above the driver's own memory.
@@ -13,18 +13,30 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from vballoon.devices.balloon.device import FEATURE_NAMES, queue_roles
-from vballoon.sim.scanner import BuddyModel, Chunk, respond
-from vballoon.wire import BALLOON_CONFIG, BALLOON_STAT, C, LE32
 from vballoon.sim.driver import DriverQueue, GuestRam
 from vballoon.sim.frontend import Frontend
+from vballoon.sim.scanner import BuddyModel, Chunk, respond
+from vballoon.wire import BALLOON_CONFIG, BALLOON_STAT, C, LE32
 
 log = logging.getLogger(__name__)
 
 PAGE = 4096
 PFNS_PER_BUFFER = 256          # VIRTIO_BALLOON_ARRAY_PFNS_MAX
 REPORT_CAPACITY = 32           # PAGE_REPORTING_CAPACITY
-TRANSPORT_BITS = (C.VIRTIO_F_VERSION_1, C.VIRTIO_RING_F_EVENT_IDX, C.VIRTIO_RING_F_INDIRECT_DESC)
+TRANSPORT_BITS = (32, 29, 28)  # VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, _INDIRECT_DESC
+# The balloon's feature bits (VIRTIO 1.2 §5.5.3; bit 16: protocol/bitmap-queue.md), by the
+# names the daemon's --feature option uses.
+FEATURES = {"must-tell-host": 0, "stats": 1, "deflate-on-oom": 2, "free-page-hint": 3,
+            "page-poison": 4, "free-page-reporting": 5, "free-page-bitmap": 16}
+# Optional queues in the order the driver creates them, each after inflate and deflate when
+# its feature was negotiated (Linux init_vqs: VIRTIO_BALLOON_VQ_STATS, _FREE_PAGE, _REPORTING;
+# the bitmap queue comes last, protocol/bitmap-queue.md §1).
+OPTIONAL_QUEUES = ((1, "stats"), (3, "hint"), (5, "reporting"), (16, "bitmap"))
+
+
+def queue_order(acked: int) -> list[str]:
+    """The queues this driver sets up for ``acked`` features, in index order."""
+    return ["inflate", "deflate"] + [role for bit, role in OPTIONAL_QUEUES if acked >> bit & 1]
 
 
 class PagePool:
@@ -77,8 +89,8 @@ class BalloonGuest:
                  features: Iterable[str] | None = None, queue_size: int = 64,
                  driver_bytes: int = 4 << 20, driver_at: int | None = None) -> None:
         self.fe, self.ram = frontend, ram
-        wanted = FEATURE_NAMES.keys() if features is None else features
-        self.wanted = sum(1 << FEATURE_NAMES[n] for n in wanted) \
+        wanted = FEATURES.keys() if features is None else features
+        self.wanted = sum(1 << FEATURES[n] for n in wanted) \
             | sum(1 << b for b in TRANSPORT_BITS)
         self.queue_size = queue_size
         self.acked = 0
@@ -122,7 +134,7 @@ class BalloonGuest:
         self.acked = self.fe.features & self.wanted
         if not self.acked >> C.VIRTIO_F_VERSION_1 & 1:
             raise RuntimeError("the device does not offer VERSION_1")
-        roles = queue_roles(self.acked)
+        roles = queue_order(self.acked)
         ev, ind = self.has(C.VIRTIO_RING_F_EVENT_IDX), self.has(C.VIRTIO_RING_F_INDIRECT_DESC)
         if not self.queues:
             self.queues = {role: DriverQueue(self.ram, i, self.queue_size, event_idx=ev,
