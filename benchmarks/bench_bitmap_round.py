@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from vballoon.devices.balloon.device import Balloon
-from vballoon.app.cli import parse_size
+from vballoon.units import parse_size
 from vballoon.sim import Frontend, GuestRam
 from vballoon.sim.guest import BalloonGuest
 from vballoon.sim.scanner import BuddyModel, driver_chunks

@@ -31,15 +31,8 @@ import numpy as np
 
 from vballoon.fpmap import BitmapRounds, Verdict
 from vballoon.sim.scanner import BuddyModel, driver_chunks
+from vballoon.units import parse_size
 
-UNITS = {"K": 10, "M": 20, "G": 30, "T": 40}
-
-
-def parse_size(text: str) -> int:
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    if text and text[-1] in UNITS:
-        return int(float(text[:-1]) * (1 << UNITS[text[-1]]))
-    return int(text)
 
 
 def best(fn: Callable[[], object], repeat: int,

@@ -33,15 +33,13 @@ import tempfile
 
 import numpy as np
 
-from vballoon.control.client import AsyncClient
 from vballoon.app.daemon import Daemon
+from vballoon.control.client import AsyncClient
 from vballoon.fpmap.export import read_export
 from vballoon.sim import Frontend, GuestRam
 from vballoon.sim.guest import BalloonGuest
 from vballoon.sim.scanner import BuddyModel
-
-PAGE = 4096
-MiB, GiB = 1 << 20, 1 << 30
+from vballoon.units import FRAME as PAGE, GiB, MiB, parse_size
 DRIVER_AT, DRIVER_BYTES = 16 * MiB, 4 * MiB      # the guest driver's rings and buffers
 BATCH = 1 << 14                                   # pages per copy
 
@@ -252,11 +250,6 @@ async def migrate(memory: int, seed: int, workdir: str) -> dict[str, int]:
         dst.release()
         source.close()
         destination.close()
-
-
-def parse_size(text: str) -> int:
-    from vballoon.app.cli import parse_size as parse
-    return parse(text)
 
 
 def main(argv: list[str] | None = None) -> int:

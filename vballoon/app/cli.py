@@ -23,16 +23,6 @@ def _features(pairs: list[str]) -> list[str]:
     return [n for n, v in on.items() if v]
 
 
-def parse_size(text: str) -> int:
-    """``4096``, ``64K``, ``8G``, ``1T`` -> bytes (binary units)."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    try:
-        return int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
-    except ValueError:
-        raise ConfigError("bad-size", f"{text!r} is not a size (e.g. 4096, 512M, 8G)") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vballoon", description=__doc__)
     p.add_argument("--log-level", choices=LOG_LEVELS,

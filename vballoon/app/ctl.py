@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from vballoon.control.client import Client, QMPCommandError, QMPConnectionError, RoundInfo
 from vballoon.errors import VballoonError
+from vballoon.units import parse_size
 
 PAGE = 4096
 PROGRESS_PERIOD = 0.25          # seconds between progress lines of `round start --wait`
@@ -44,7 +45,6 @@ def _round_id(text: str) -> int | None:
 
 
 def _size(text: str) -> int:
-    from vballoon.app.cli import parse_size
     try:
         return parse_size(text)
     except ValueError as e:

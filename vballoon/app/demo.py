@@ -2,7 +2,7 @@
 
 Nothing here is mocked below the guest: the daemon serves a real Unix socket, the front-end
 speaks vhost-user to it as QEMU does, guest RAM is a (sparse) memfd shared through SCM_RIGHTS,
-kicks and interrupts are eventfds.  The guest is the reference driver of ``vballoon.loopback``
+kicks and interrupts are eventfds.  The guest is the reference driver of ``vballoon.sim``
 with a model of a Linux buddy allocator "after a memory-hungry workload exited" (the seed
 series' headline case), answering the round with the reference scanner.
 """
@@ -14,20 +14,13 @@ import time
 
 import numpy as np
 
-from vballoon.devices.balloon.device import PAGE
-from vballoon.app.cli import parse_size
 from vballoon.app.daemon import Daemon
 from vballoon.fpmap.export import read_export, write_export
+from vballoon.fpmap.picture import render_png
 from vballoon.sim import Frontend, GuestRam
 from vballoon.sim.guest import BalloonGuest
-from vballoon.fpmap.picture import render_png
 from vballoon.sim.scanner import BuddyModel, driver_chunks
-
-MiB, GiB = 1 << 20, 1 << 30
-
-
-def _size(n: float) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
+from vballoon.units import FRAME, MiB, format_size, parse_size
 
 
 def seed_errors(model: BuddyModel) -> tuple[int, int]:
@@ -48,8 +41,8 @@ def seed_errors(model: BuddyModel) -> tuple[int, int]:
 async def run_demo(memory: str = "8G", *, seed: int = 2, out: str = "vballoon-demo") -> int:
     mem_bytes = parse_size(memory)
     model = BuddyModel.after_workload(mem_bytes, seed=seed)
-    layout = ", ".join(f"[{_size(g)}, {_size(g + s)})" for g, s in model.layout)
-    print(f"vballoon demo: a {_size(mem_bytes)} guest (RAM {layout}) right after a "
+    layout = ", ".join(f"[{format_size(g)}, {format_size(g + s)})" for g, s in model.layout)
+    print(f"vballoon demo: a {format_size(mem_bytes)} guest (RAM {layout}) right after a "
           "memory-hungry workload exited")
     with tempfile.TemporaryDirectory(prefix="vballoon-demo-") as tmp:
         daemon = Daemon(os.path.join(tmp, "vb.sock"), stats_interval=0)
@@ -75,16 +68,16 @@ async def run_demo(memory: str = "8G", *, seed: int = 2, out: str = "vballoon-de
 
 async def _inflate(daemon: Daemon, guest: BalloonGuest, ram: GuestRam) -> None:
     """Balloon 64 MiB of pages the guest had used, and show the memfd giving them back."""
-    pages = (64 * MiB) // PAGE
+    pages = (64 * MiB) // FRAME
     for pfn in guest.pool[:pages]:
-        ram.at(pfn * PAGE, 8)[:] = b"usedpage"          # the guest's data: backed pages
+        ram.at(pfn * FRAME, 8)[:] = b"usedpage"          # the guest's data: backed pages
     before = ram.allocated_bytes
     daemon.balloon(daemon.ram_bytes() - 64 * MiB)
     await guest.fe.wait_config_change()
     await guest.balance()
     c = daemon.device.counters
-    print(f"balloon: target {_size(daemon.logical_size())} reached; guest RAM backing fell by "
-          f"{_size(before - ram.allocated_bytes)} in {c.discard_calls} discard calls "
+    print(f"balloon: target {format_size(daemon.logical_size())} reached; guest RAM backing fell by "
+          f"{format_size(before - ram.allocated_bytes)} in {c.discard_calls} discard calls "
           f"(one per contiguous range)")
 
 
@@ -96,21 +89,21 @@ async def _round(daemon: Daemon, guest: BalloonGuest, model: BuddyModel, out: st
     elapsed = time.perf_counter() - t0
     info = daemon.round_info(r.id)
     ranges = r.map.ranges()
-    ram = info["ram-pages"] * PAGE
+    ram = info["ram-pages"] * FRAME
     free = info["free-bytes"]
     print(f"free-page round {r.id} ({info['kind']} queue): {info['state']}, {chunks} chunk(s), "
           f"{elapsed * 1000:.1f} ms from request to DONE")
-    print(f"  free: {_size(free)} of {_size(ram)} ({100 * free / ram:.1f}%) in "
+    print(f"  free: {format_size(free)} of {format_size(ram)} ({100 * free / ram:.1f}%) in "
           f"{ranges.shape[0]:,} ranges; coverage {100 * info['coverage']:.1f}%")
     print(f"  a migration that tracks dirty pages from before the request can skip "
-          f"{_size(free)}: it sends {_size(ram - free)} instead of {_size(ram)}")
+          f"{format_size(free)}: it sends {format_size(ram - free)} instead of {format_size(ram)}")
     os.makedirs(out, exist_ok=True)
     res = write_export(r, out, f"round-{r.id}.vbmap", "ranges", ballooned=daemon.device.inflated)
     back = read_export(res.path)
     assert back.ranges.shape == ranges.shape, "the export does not read back"
     png = os.path.abspath(os.path.join(out, f"round-{r.id}.png"))
     render_png(r.map, daemon.device.inflated, png, width=1024,
-               title=f"round {r.id}: {_size(free)} free of {_size(ram)}")
+               title=f"round {r.id}: {format_size(free)} free of {format_size(ram)}")
     print(f"  map written: {res.path} ({res.bytes:,} bytes, {res.ranges:,} ranges; "
           f"protocol/export-format.md), picture {png}")
     wrong, missed = seed_errors(model)
