@@ -9,19 +9,14 @@ from typing import AsyncIterator
 from vballoon.app.daemon import Daemon
 from vballoon.sim import Frontend, GuestRam
 from vballoon.sim.guest import BalloonGuest
-from vballoon.virtio.memory import GuestMemory
 from vballoon.sim.scanner import BuddyModel
+from vballoon.testing.rigs import mapped  # noqa: F401  (re-exported for the tests)
 
 MiB, GiB = 1 << 20, 1 << 30
 
 
 def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
-
-
-def mapped(ram: GuestRam) -> GuestMemory:
-    """The daemon's view of ``ram``, as SET_MEM_TABLE would build it."""
-    return GuestMemory.map(ram.regions, [os.dup(ram.fd) for _ in ram.regions])
 
 
 @asynccontextmanager
