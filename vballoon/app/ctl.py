@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from datetime import datetime
-from typing import Any, TextIO
+from typing import Any, Sequence, TextIO
 
 from vballoon.control.client import Client, QMPCommandError, QMPConnectionError, RoundInfo
 from vballoon.errors import VballoonError
@@ -51,13 +51,17 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
 
 
-def add_parser(sub: Any) -> argparse.ArgumentParser:
-    """The ``ctl`` subcommand, for ``vballoon.cli``'s parser."""
-    p = sub.add_parser("ctl", help="talk to a running daemon's control socket",
+CONTROL_ENV = "VBALLOON_CONTROL_SOCKET"
+
+
+def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
+    """The ``ctl`` subcommand, for ``vballoon.app.cli``'s parser."""
+    default = os.environ.get(CONTROL_ENV) or None
+    p = sub.add_parser("ctl", parents=list(parents), help="talk to a running daemon's control socket",
                        description="Send one command to the daemon's control socket (QMP) "
                        "and print the reply.")
-    p.add_argument("--control-socket", required=True, metavar="PATH",
-                   help="the daemon's --control-socket")
+    p.add_argument("--control-socket", required=default is None, default=default,
+                   metavar="PATH", help=f"the daemon's --control-socket (default: ${CONTROL_ENV})")
     p.add_argument("--json", action="store_true",
                    help="print the QMP reply as JSON instead of text")
     cmds = p.add_subparsers(dest="ctl_command", required=True, metavar="COMMAND")
@@ -286,7 +290,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
 
 
 def parser() -> argparse.ArgumentParser:
-    """A parser of ``ctl ...`` alone (``vballoon.cli`` adds the subcommand to its own)."""
+    """A parser of ``ctl ...`` alone (``vballoon.app.cli`` adds the subcommand to its own)."""
     p = argparse.ArgumentParser(prog="vballoon")
     add_parser(p.add_subparsers(dest="command", required=True))
     return p

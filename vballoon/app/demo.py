@@ -20,7 +20,7 @@ from vballoon.fpmap.picture import render_png
 from vballoon.sim import Frontend, GuestRam
 from vballoon.sim.guest import BalloonGuest
 from vballoon.sim.scanner import BuddyModel, driver_chunks
-from vballoon.units import FRAME, MiB, format_size, parse_size
+from vballoon.units import FRAME, MiB, format_size
 
 
 def seed_errors(model: BuddyModel) -> tuple[int, int]:
@@ -38,8 +38,8 @@ def seed_errors(model: BuddyModel) -> tuple[int, int]:
     return wrong, missed
 
 
-async def run_demo(memory: str = "8G", *, seed: int = 2, out: str = "vballoon-demo") -> int:
-    mem_bytes = parse_size(memory)
+async def run_demo(mem_bytes: int = 8 << 30, *, seed: int = 2, out: str = "vballoon-demo") -> int:
+    """The demo on a guest of ``mem_bytes`` (from 128 MiB), writing its files into ``out``."""
     model = BuddyModel.after_workload(mem_bytes, seed=seed)
     layout = ", ".join(f"[{format_size(g)}, {format_size(g + s)})" for g, s in model.layout)
     print(f"vballoon demo: a {format_size(mem_bytes)} guest (RAM {layout}) right after a "
