@@ -118,3 +118,16 @@ def test_ctl_takes_its_socket_from_the_environment(tmp_path):
     p = vb("ctl", "query-balloon", env={"VBALLOON_CONTROL_SOCKET": str(tmp_path / "none.sock")})
     assert p.returncode != 0 and "required" not in p.stderr
     assert str(tmp_path / "none.sock") in p.stderr and "Traceback" not in p.stderr
+
+
+def test_native_modules_use_the_limited_api():
+    """One abi3 wheel per platform: both cffi modules are built for the stable ABI."""
+    from vballoon.fpmap import _fastbits
+    from vballoon.virtio import _vring
+    assert _fastbits.__file__.endswith(".abi3.so") and _vring.__file__.endswith(".abi3.so")
+
+
+def test_package_is_typed_and_licensed():
+    root = Path(__file__).parents[2]
+    assert (root / "vballoon" / "py.typed").exists()
+    assert "MIT License" in (root / "LICENSE").read_text()
