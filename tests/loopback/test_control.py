@@ -154,7 +154,7 @@ async def test_one_clients_bad_input_never_reaches_another(daemon):
 async def test_a_client_leaving_mid_command_is_cancelled_and_others_go_on(daemon, guest):
     g, model = guest
     waiting, cancelled = asyncio.Event(), asyncio.Event()
-    real_wait = daemon.wait_round
+    real_wait = daemon.service.wait_round
 
     async def wait_round(rid, timeout=None):
         waiting.set()
@@ -164,14 +164,14 @@ async def test_a_client_leaving_mid_command_is_cancelled_and_others_go_on(daemon
             cancelled.set()
             raise
 
-    daemon.wait_round = wait_round
+    daemon.service.wait_round = wait_round
     leaver, stayer = await Raw.open(daemon.control_path), await Raw.open(daemon.control_path)
     await leaver.send(b'{"execute": "start-free-page-round", "arguments": {"wait": true}}')
     await waiting.wait()
     await leaver.close()
     await asyncio.wait_for(cancelled.wait(), 30)
-    r = daemon.get_round()
-    assert r.active and not daemon._round_waiters.get(r.id)     # the round goes on
+    r = daemon.service.get_round()
+    assert r.active and not daemon.service.waiting     # the round goes on
     assert (await stayer.cmd("query-free-page-round"))["return"]["state"] == "requested"
     await g.answer_bitmap_request(model)
     assert (await stayer.cmd("query-free-page-round"))["return"]["state"] == "done"
@@ -206,7 +206,7 @@ async def test_a_client_that_does_not_read_is_disconnected(daemon, monkeypatch):
     stuck.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     payload = {"filler": "x" * 4096}
     for _ in range(10_000):
-        daemon.emit("BALLOON_CHANGE", payload)
+        daemon.service.emit("BALLOON_CHANGE", payload)
         if daemon.control.clients == 1:
             break
         await asyncio.sleep(0)                  # let the server's writes go out
@@ -249,7 +249,7 @@ async def test_a_full_round_over_the_socket(no_fd_leak, daemon, guest):
         assert ev.data["id"] == r.id and ev.data["complete"] and ev.data["coverage"] == 1.0
         done = await c.wait_round(r.id)
         assert done.state == "done" and done.free_pages == model.free_pages()
-        expected = daemon.get_round(r.id).map.ranges()
+        expected = daemon.service.get_round(r.id).map.ranges()
         assert np.array_equal(await c.free_ranges(r.id), expected)
         for fmt in ("ranges", "bitmap", "json"):
             e = await c.export(f"round.{fmt}", fmt, r.id)
@@ -264,7 +264,7 @@ async def test_ranges_come_in_pages(daemon, guest, monkeypatch):
     c = await Raw.open(daemon.control_path)
     rid = (await c.cmd("start-free-page-round"))["return"]["id"]
     await g.answer_bitmap_request(model)
-    expected = daemon.get_round(rid).map.ranges().tolist()
+    expected = daemon.service.get_round(rid).map.ranges().tolist()
     got, start = [], 0
     while start is not None:
         page = (await c.cmd("query-free-page-round", {"id": rid, "ranges": True,

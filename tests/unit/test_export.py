@@ -9,7 +9,7 @@ import stat
 import numpy as np
 import pytest
 
-from vballoon.devices.balloon.device import HintRound
+from vballoon.fpmap.rounds import HintRound
 from vballoon.errors import ConfigError
 from vballoon.fpmap.export import (HEADER, MAGIC, ExportFormatError, read_export, write_atomically,
                              write_export)

@@ -259,6 +259,34 @@ class FreePageMap:
             grown[:n] = out[:n]
             out = grown
 
+    def count_ranges(self, start_pfn: int = 0, end_pfn: int | None = None) -> int:
+        """How many free ranges :meth:`ranges_in` would return, without making them."""
+        lo, hi = self._window(start_pfn, end_pfn)
+        return int(lib.fb_count_runs(self._free_p, self.nwords, lo, hi))
+
+    def range_page(self, start_pfn: int, limit: int) -> tuple[np.ndarray, int, int | None]:
+        """One page of free ranges from ``start_pfn`` on: ``(ranges, count, next_pfn)``.
+
+        ``ranges``: the first ``limit`` ranges of ``[start_pfn, max_pfn)`` (clipped at
+        ``start_pfn``); ``count``: how many there are in all; ``next_pfn``: where the next page
+        starts (the end of the last range returned, or ``start_pfn`` if none was), None when
+        this page holds the last range.  Costs ``limit`` ranges of memory, however many exist.
+        """
+        lo, hi = self._window(start_pfn, None)
+        limit = check_int("limit", limit)
+        count = int(lib.fb_count_runs(self._free_p, self.nwords, lo, hi))
+        n = min(limit, count)
+        out = np.empty((n, 2), dtype=np.uint64)
+        if n:
+            nxt = ffi.new("uint64_t *")
+            with ffi.from_buffer("uint64_t[]", out, require_writable=True) as p:
+                got = lib.fb_runs(self._free_p, self.nwords, lo, hi, p, n, nxt)
+            assert got == n, (got, n)
+        part = out.view(np.int64)
+        if count <= n:
+            return part, count, None
+        return part, count, int(part[-1, 0] + part[-1, 1]) if n else lo
+
     def iter_ranges(self, start_pfn: int = 0, end_pfn: int | None = None,
                     batch: int = 1 << 16) -> Iterator[np.ndarray]:
         """The free ranges of a window in ascending ``(n <= batch, 2)`` arrays.
@@ -288,7 +316,7 @@ class FreePageMap:
         and parts outside every region are left out.  Rows come in guest-physical order.
 
         For consumers that read guest memory through the region fds (a migration engine).
-        Never punch holes with them: these pages were only *hinted* free (shared/DESIGN.md).
+        Never punch holes with them: these pages were only *hinted* free (``protocol/bitmap-queue.md`` §7).
         """
         regs = []
         for i, r in enumerate(regions):
