@@ -447,3 +447,37 @@ def test_ctl_events_prints_each_event_once_in_order():
     lines = [json.loads(x) for x in out.getvalue().splitlines()]
     assert [x["event"] for x in lines] == ["BALLOON_CHANGE", "FREE_PAGE_ROUND_COMPLETED"]
     assert lines[0] == {"event": "BALLOON_CHANGE", "data": {"actual": 1}, "timestamp": 1.5}
+
+
+async def test_item15_hostile_ids_and_file_names_get_clean_errors(daemon, guest):
+    g, model = guest
+    c = await Raw.open(daemon.control_path)
+    await c.send(b'{"execute": "query-balloon", "id": 1e400}')
+    assert (await c.reply())["error"]["desc"] == "JSON parse error, number 1e400 is out of range"
+    r = await c.cmd("start-free-page-round")
+    await g.answer_bitmap_request(model)
+    await c.send(b'{"execute": "export-free-page-map", "arguments": {"filename": "m\\ud800", '
+                 b'"format": "ranges"}}')
+    desc = (await c.reply())["error"]["desc"]
+    assert "lone surrogate" in desc and "internal error" not in desc
+    assert (await c.cmd("query-free-page-round", {"id": r["return"]["id"]}))["return"]["state"] \
+        == "done"
+    await c.close()
+
+
+async def test_item3_an_evicted_round_is_a_clean_error_and_later_rounds_work(daemon, guest):
+    g, model = guest
+    c = await Raw.open(daemon.control_path)
+    first = (await c.cmd("start-free-page-round", {"kind": "bitmap"}))["return"]["id"]
+    for _ in range(4):
+        assert "return" in await c.cmd("start-free-page-round", {"kind": "hint"})
+    err = (await c.cmd("query-free-page-round", {"id": first}))["error"]
+    assert err == {"class": "GenericError", "desc": err["desc"]}
+    assert err["desc"].startswith(f"no round {first} ")
+    nxt = (await c.cmd("start-free-page-round", {"kind": "bitmap"}))["return"]["id"]
+    await g.answer_bitmap_request(model)        # the buffer carried the first round's id
+    await g.answer_bitmap_request(model)        # reposted: it carries nxt's
+    assert (await c.cmd("query-free-page-round", {"id": nxt}))["return"]["state"] == "done"
+    ended = [e["data"]["id"] for e in c.events if e["event"] == "FREE_PAGE_ROUND_COMPLETED"]
+    assert ended.count(first) == 1
+    await c.close()

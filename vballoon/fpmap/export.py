@@ -82,6 +82,10 @@ def open_target(export_dir: str, filename: str) -> tuple[int, str]:
         raise _refuse("the file name is empty")
     if "\0" in filename:
         raise _refuse("the file name contains a NUL byte")
+    try:
+        filename.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _refuse("the file name is not valid Unicode (a lone surrogate)") from None
     if filename.startswith("/"):
         raise _refuse(f"{filename!r} is absolute: name a file inside the export directory")
     parts = filename.split("/")
