@@ -119,3 +119,24 @@ async def test_item2_a_failing_background_task_stops_the_daemon_loudly(tmp_path,
         assert "the broken task failed" in caplog.text
     finally:
         await daemon.close()
+
+
+async def test_the_daemons_one_timer_ends_an_idle_round_and_requests_stats(tmp_path):
+    from vbtest import GiB, attached_guest
+    from vballoon.fpmap import RoundState
+    daemon = Daemon(str(tmp_path / "vb.sock"), stats_interval=0.05)
+    await daemon.start()
+    try:
+        async with attached_guest(daemon, 1 * GiB, seed=1) as (g, model):
+            await g.answer_stats_request()          # returned by the timer, answered
+            await g.answer_stats_request()
+            daemon.device.bitmap.idle_timeout = 0.05
+            r = daemon.device.start_round("bitmap")  # through the device: still armed
+            for _ in range(500):
+                if not r.active:
+                    break
+                await asyncio.sleep(0.01)
+            assert r.state is RoundState.ABORTED and r.abort_reason == "timeout"
+            assert daemon.wakeups >= 3
+    finally:
+        await daemon.close()

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from balloonrig import MiB, PAGE, Rig
 
-from vballoon.devices.balloon import ActualChanged, Balloon, RoundEnded, StatsUpdated
+from vballoon.devices.balloon import (ActualChanged, Balloon, RoundEnded, RoundStarted,
+                                      StatsUpdated)
 from vballoon.devices.balloon.stats import MAX_STATS_BUFFER
 from vballoon.fpmap import RoundState
 from vballoon.virtio.device import CHAINS_PER_CALL, TRANSPORT_FEATURES, Device
@@ -88,6 +89,7 @@ def test_device_events_are_typed():
         assert isinstance(rig.events[-1], StatsUpdated)
         assert rig.events[-1].stats.values == {"free-memory": 42}
         r = rig.dev.start_round("hint")
+        assert rig.events[-1] == RoundStarted(r)
         rig.dev.start_round("hint")
         assert RoundEnded(r) in rig.events
 

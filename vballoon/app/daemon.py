@@ -15,12 +15,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from vballoon.devices.balloon import Balloon
 from vballoon.errors import VballoonError
 from vballoon.vhost.transport import Server
 from vballoon.virtio.device import Device, DeviceEvent
+
+if TYPE_CHECKING:
+    from vballoon.app.service import BalloonService
+    from vballoon.control.server import ControlServer
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +47,9 @@ class Daemon:
         self.control_path = control_path
         self.export_dir = export_dir
         self.server: Server | None = None
-        self.control: Any = None
-        self.service: Any = None
+        self.control: ControlServer | None = None
+        #: the device's control API (the balloon's; None for a device without one)
+        self.service: BalloonService | None = None
         if isinstance(device, Balloon):
             from vballoon.app.service import BalloonService
             self.service = BalloonService(device, export_dir=export_dir,

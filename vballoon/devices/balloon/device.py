@@ -30,7 +30,7 @@ import numpy as np
 
 from vballoon.devices.balloon.bitmap import BitmapQueue
 from vballoon.devices.balloon.config import ConfigSpace
-from vballoon.devices.balloon.events import RoundEnded
+from vballoon.devices.balloon.events import RoundEnded, RoundStarted
 from vballoon.devices.balloon.hint import HintQueue
 from vballoon.devices.balloon.inflate import PAGE, PFN_SHIFT, InflateDeflate, pfn_runs
 from vballoon.devices.balloon.reporting import ReportingQueue, merge_runs
@@ -250,13 +250,16 @@ class Balloon(Device):
         if kind == "auto":
             kind = "bitmap" if "bitmap" in self.roles.values() else "hint"
         if kind == "bitmap":
-            return self.bitmap_queue.start()
-        if kind == "hint":
-            return self.hint.start()
-        raise ConfigError("round-kind", f"unknown round kind {kind!r} (bitmap, hint, auto)")
+            r = self.bitmap_queue.start()
+        elif kind == "hint":
+            r = self.hint.start()
+        else:
+            raise ConfigError("round-kind", f"unknown round kind {kind!r} (bitmap, hint, auto)")
+        self.emit(RoundStarted(r))
+        return r
 
     def start_hint_round(self) -> Round:
-        return self.hint.start()
+        return self.start_round("hint")
 
     def round_ended(self, r: Round) -> None:
         """A part ended round ``r`` (it does so once): tell the sink."""

@@ -26,6 +26,13 @@ class StatsUpdated(DeviceEvent):
 
 
 @dataclass(frozen=True)
+class RoundStarted(DeviceEvent):
+    """A free-page round was requested (its deadline is new: the daemon re-arms its timer)."""
+
+    round: "Round"
+
+
+@dataclass(frozen=True)
 class RoundEnded(DeviceEvent):
     """A free-page round ended (done or aborted).  Given exactly once per round."""
 
