@@ -481,3 +481,29 @@ async def test_item3_an_evicted_round_is_a_clean_error_and_later_rounds_work(dae
     ended = [e["data"]["id"] for e in c.events if e["event"] == "FREE_PAGE_ROUND_COMPLETED"]
     assert ended.count(first) == 1
     await c.close()
+
+
+async def test_item3_and_item14_across_reconnects_with_a_new_layout(no_fd_leak, daemon):
+    from vbtest import GiB, attached_guest
+    c = await Raw.open(daemon.control_path)
+    async with attached_guest(daemon, 1 * GiB, seed=3) as (g, model):
+        daemon.device.bitmap.idle_timeout = 0.05
+        first = (await c.cmd("start-free-page-round", {"kind": "bitmap"}))["return"]["id"]
+        for _ in range(4):
+            await c.cmd("start-free-page-round", {"kind": "hint"})
+        assert "error" in await c.cmd("query-free-page-round", {"id": first})
+        for _ in range(300):                     # the evicted round times out
+            if any(e["data"]["id"] == first for e in c.events):
+                break
+            await c.cmd("query-version")
+            await asyncio.sleep(0.01)
+    for size in (2 * GiB, 1 * GiB):              # reconnects, each with another layout
+        async with attached_guest(daemon, size, seed=4) as (g, model):
+            r = (await c.cmd("start-free-page-round", {"kind": "bitmap"}))["return"]["id"]
+            await g.answer_bitmap_request(model)
+            q = (await c.cmd("query-free-page-round", {"id": r}))["return"]
+            assert q["state"] == "done" and q["free-pages"] == model.free_pages()
+    await c.cmd("query-version")
+    ended = [e["data"]["id"] for e in c.events if e["event"] == "FREE_PAGE_ROUND_COMPLETED"]
+    assert len(ended) == len(set(ended)) and first in ended
+    await c.close()
