@@ -20,8 +20,10 @@ ROUND_IDLE_TIMEOUT = 5.0         # seconds without a merged chunk: the round is 
 
 # -- the round protocol (spec §4-§6) ---------------------------------------------------------------
 
-class RoundState(enum.Enum):
-    """§5.  IDLE is "no round yet"; DONE and ABORTED are final and keep their map."""
+class RoundState(str, enum.Enum):
+    """§5.  IDLE is "no round yet"; DONE and ABORTED are final and keep their map.
+
+    A ``str`` enum: a state equals its name on the wire (``RoundState.DONE == "done"``)."""
 
     IDLE = "idle"
     REQUESTED = "requested"      # request id handed to the driver, no chunk merged yet
