@@ -220,3 +220,18 @@ def test_item13_query_with_max_ranges_1_materialises_one_range():
         assert info.range_count == r.map.max_pfn // 2 and len(info.ranges) == 1
         assert info.next_pfn == 1
         assert peak < 64 << 10                             # not 16 bytes per range
+
+
+def test_item17_start_pfn_bound_is_inclusive():
+    with Rig() as rig:
+        svc, _ = service(rig)
+        r = rig.dev.start_round("hint")
+        r.map.mark_free_range(100, 5)
+        end = r.map.max_pfn
+        info = svc.query_round(r.id, ranges=True, start_pfn=end)
+        assert info.ranges.tolist() == [] and info.range_count == 0 and info.next_pfn is None
+        with pytest.raises(ConfigError, match=f"expects a pfn from 0 to {end}"):
+            svc.query_round(r.id, ranges=True, start_pfn=end + 1)
+        info = svc.query_round(r.id, ranges=True, start_pfn=102, max_ranges=0)
+        assert info.range_count == 1 and info.next_pfn == 102
+        assert info.to_qmp()["ranges"] == []
