@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from balloonrig import MiB, Rig
+from balloonrig import Rig
 
 from vballoon.app.service import BalloonService
 from vballoon.devices.balloon import RoundEnded

@@ -5,13 +5,10 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import pytest
-from balloonrig import MiB, PAGE, Rig
+from balloonrig import PAGE, Rig
 
 from vballoon.devices.balloon import (ActualChanged, Balloon, RoundEnded, RoundStarted,
                                       StatsUpdated)
-from vballoon.devices.balloon.stats import MAX_STATS_BUFFER
-from vballoon.fpmap import RoundState
 from vballoon.virtio.device import CHAINS_PER_CALL, TRANSPORT_FEATURES, Device
 from vballoon.wire import BALLOON_STAT, C, LE32
 

@@ -17,13 +17,13 @@ import logging
 import signal
 from typing import TYPE_CHECKING, Any, Iterable
 
+from vballoon.app.service import BalloonService
 from vballoon.devices.balloon import Balloon
 from vballoon.errors import VballoonError
 from vballoon.vhost.transport import Server
 from vballoon.virtio.device import Device, DeviceEvent
 
 if TYPE_CHECKING:
-    from vballoon.app.service import BalloonService
     from vballoon.control.server import ControlServer
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,6 @@ class Daemon:
         #: the device's control API (the balloon's; None for a device without one)
         self.service: BalloonService | None = None
         if isinstance(device, Balloon):
-            from vballoon.app.service import BalloonService
             self.service = BalloonService(device, export_dir=export_dir,
                                           is_active=self._driver_attached)
         self._tasks: dict[asyncio.Task[Any], str] = {}
