@@ -40,12 +40,17 @@ class TimedBalloon(Balloon):
 
     device_time = 0.0
 
-    def _process_bitmap(self, vq, mem):
-        t = time.perf_counter()
-        try:
-            super()._process_bitmap(vq, mem)
-        finally:
-            self.device_time += time.perf_counter() - t
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        inner = self.handlers["bitmap"]
+
+        def timed(vq, mem):
+            t = time.perf_counter()
+            try:
+                return inner(vq, mem)
+            finally:
+                self.device_time += time.perf_counter() - t
+        self.handlers["bitmap"] = timed
 
 
 def memcpy_time(nbytes: int, repeat: int) -> float:
@@ -70,7 +75,7 @@ async def one_round(model: BuddyModel, path: str, prepared: bool
         await fe.init(device.max_queues())
         guest = BalloonGuest(fe, ram, driver_at=16 * MiB, driver_bytes=4 * MiB)
         await guest.probe()
-        chunks = list(driver_chunks(model, device.bitmap._next_id)) if prepared else None
+        chunks = list(driver_chunks(model, device.bitmap.next_id)) if prepared else None
         t = time.perf_counter()
         r = device.start_round("bitmap")
         await guest.answer_bitmap_request(model, chunks=chunks)

@@ -44,21 +44,26 @@ class TimedBalloon(Balloon):
 
     device_time = 0.0
 
-    def _process_inflate(self, vq, mem):
-        t = time.perf_counter()
-        try:
-            super()._process_inflate(vq, mem)
-        finally:
-            self.device_time += time.perf_counter() - t
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        inner = self.handlers["inflate"]
+
+        def timed(vq, mem):
+            t = time.perf_counter()
+            try:
+                return inner(vq, mem)
+            finally:
+                self.device_time += time.perf_counter() - t
+        self.handlers["inflate"] = timed
 
 
 class PerPageBalloon(TimedBalloon):
     """The same device with QEMU's discard strategy for 4 KiB host pages: one call per page."""
 
-    def _discard(self, mem, runs):
+    def discard(self, mem, runs):
         starts, counts = runs
         pages = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, counts)] or [[]])
-        return super()._discard(mem, (pages.astype(np.int64), np.ones(pages.size, np.int64)))
+        return super().discard(mem, (pages.astype(np.int64), np.ones(pages.size, np.int64)))
 
 
 async def daemon_inflate(size: int, scattered: bool, per_page: bool = False

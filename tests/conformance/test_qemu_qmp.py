@@ -102,7 +102,7 @@ async def test_the_sync_client_from_a_thread_runs_a_round(daemon, guest):
     (done, ranges, balloon), _ = await asyncio.gather(asyncio.to_thread(migration_script),
                                                       guest_side())
     assert done.state == "done" and done.complete
-    assert np.array_equal(ranges, daemon.get_round(done.id).map.ranges())
+    assert np.array_equal(ranges, daemon.service.get_round(done.id).map.ranges())
     assert balloon.actual == 2 * GiB
 
 

@@ -5,7 +5,9 @@ import asyncio
 
 import pytest
 
+from vballoon.devices.balloon import ActualChanged, RoundEnded
 from vballoon.devices.balloon.device import Balloon, merge_runs, pfn_runs
+from vballoon.fpmap import RoundState
 from vballoon.errors import ConfigError
 from vballoon.sim import Frontend, GuestRam
 from vballoon.sim.guest import BalloonGuest
@@ -77,7 +79,7 @@ async def test_target_set_through_the_api_is_reached_and_reported_back(rig):
     device.set_target(1000)
     await guest.fe.wait_config_change()
     assert await guest.balance() == 1000
-    assert device.actual == 1000 and "actual" in changes
+    assert device.actual == 1000 and ActualChanged(1000) in changes
     device.set_target(200)
     await guest.fe.wait_config_change()
     assert await guest.balance() == -800
@@ -115,13 +117,13 @@ async def test_free_page_hint_round_records_hints_and_discards_nothing(rig):
     touch(ram, [b // PAGE for b, n in blocks for b in range(b, b + n, PAGE)])
     before = ram.allocated_bytes
     ended = []
-    device.on_change = lambda *what: ended.append(what)
+    device.on_change = ended.append
     r = device.start_round("hint")
     await guest.fe.wait_config_change()
     num_pages, actual, cmd_id, _ = await guest.config()
     assert cmd_id == r.id >= 0x80000000
     await guest.hint(cmd_id, blocks)
-    assert r.state == "done" and ("round", r) in ended
+    assert r.state is RoundState.DONE and RoundEnded(r) in ended
     assert r.map.ranges().tolist() == [[16 * MiB // PAGE, 1024], [70 * MiB // PAGE, 1024]]
     assert r.map.covered_pages() == 2048 and r.hints == 2
     assert (await guest.config())[2] == C.VIRTIO_BALLOON_CMD_ID_DONE
@@ -135,7 +137,7 @@ async def test_hint_with_an_id_never_issued_is_ignored(rig, caplog):
     r = device.start_hint_round()
     await guest.hint(0x1234, [(16 * MiB, 4 * MiB)])
     assert "hint-stale-id" in caplog.text
-    assert r.map.free_pages() == 0 and r.state == "requested"
+    assert r.map.free_pages() == 0 and r.state is RoundState.REQUESTED
 
 
 async def test_free_page_reporting_discards_reported_pages(rig):
@@ -282,10 +284,10 @@ async def test_a_hint_round_the_guest_never_stops_times_out_with_done(rig):
     device, guest, _ = await rig()
     r = device.start_round("hint")
     await guest.fe.wait_config_change()
-    device.tick(r.requested_at + 29)
+    device.handle_timer(r.requested_at + 29)
     assert r.active
-    device.tick(r.requested_at + 31)
-    assert r.state == "aborted" and r.abort_reason == "timeout"
+    device.handle_timer(r.requested_at + 31)
+    assert r.state is RoundState.ABORTED and r.abort_reason == "timeout"
     await guest.fe.wait_config_change()             # DONE announced: the guest frees its hints
     assert (await guest.config())[2] == C.VIRTIO_BALLOON_CMD_ID_DONE
 

@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from vballoon.devices.balloon.device import Balloon
+from vballoon.devices.balloon import Balloon, RoundEnded
 from vballoon.errors import ConfigError
 from vballoon.fpmap import FreePageMap, RoundState
 from vballoon.sim import Frontend, GuestRam
@@ -48,11 +48,11 @@ async def test_a_round_reassembles_the_guests_free_pages(rig):
     device, guest, model = rig
     assert "bitmap" in device.roles.values()
     ended = []
-    device.on_change = lambda *what: ended.append(what)
+    device.on_change = ended.append
     r = device.start_round()                 # auto: the bitmap queue, since the guest acked it
     assert r.state is RoundState.REQUESTED
     chunks = await guest.answer_bitmap_request(model)
-    assert chunks == 1 and r.state is RoundState.DONE and ("round", r) in ended
+    assert chunks == 1 and r.state is RoundState.DONE and RoundEnded(r) in ended
     assert r.map.coverage() == 1.0
     assert r.map.free_pages() == model.free_pages()
     assert np.array_equal(r.map.ranges(), expected_map(model).ranges())
@@ -135,7 +135,7 @@ async def test_an_idle_round_times_out_and_keeps_its_coverage(rig):
     r = device.start_round()
     await guest.queues["bitmap"].wait_used(1)
     await _send(guest, one_chunk(r.id, npfns=4096, flags=0))      # CONT: the round goes on
-    device.tick(r.last_activity + 60)
+    device.handle_timer(r.last_activity + 60)
     assert r.state is RoundState.ABORTED and r.abort_reason == "timeout"
     assert r.map.covered_pages() == 4096
 

@@ -154,7 +154,7 @@ async def test_one_clients_bad_input_never_reaches_another(daemon):
 async def test_a_client_leaving_mid_command_is_cancelled_and_others_go_on(daemon, guest):
     g, model = guest
     waiting, cancelled = asyncio.Event(), asyncio.Event()
-    real_wait = daemon.wait_round
+    real_wait = daemon.service.wait_round
 
     async def wait_round(rid, timeout=None):
         waiting.set()
@@ -164,14 +164,14 @@ async def test_a_client_leaving_mid_command_is_cancelled_and_others_go_on(daemon
             cancelled.set()
             raise
 
-    daemon.wait_round = wait_round
+    daemon.service.wait_round = wait_round
     leaver, stayer = await Raw.open(daemon.control_path), await Raw.open(daemon.control_path)
     await leaver.send(b'{"execute": "start-free-page-round", "arguments": {"wait": true}}')
     await waiting.wait()
     await leaver.close()
     await asyncio.wait_for(cancelled.wait(), 30)
-    r = daemon.get_round()
-    assert r.active and not daemon._round_waiters.get(r.id)     # the round goes on
+    r = daemon.service.get_round()
+    assert r.active and not daemon.service.waiting     # the round goes on
     assert (await stayer.cmd("query-free-page-round"))["return"]["state"] == "requested"
     await g.answer_bitmap_request(model)
     assert (await stayer.cmd("query-free-page-round"))["return"]["state"] == "done"
@@ -206,7 +206,7 @@ async def test_a_client_that_does_not_read_is_disconnected(daemon, monkeypatch):
     stuck.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     payload = {"filler": "x" * 4096}
     for _ in range(10_000):
-        daemon.emit("BALLOON_CHANGE", payload)
+        daemon.service.emit("BALLOON_CHANGE", payload)
         if daemon.control.clients == 1:
             break
         await asyncio.sleep(0)                  # let the server's writes go out
@@ -249,7 +249,7 @@ async def test_a_full_round_over_the_socket(no_fd_leak, daemon, guest):
         assert ev.data["id"] == r.id and ev.data["complete"] and ev.data["coverage"] == 1.0
         done = await c.wait_round(r.id)
         assert done.state == "done" and done.free_pages == model.free_pages()
-        expected = daemon.get_round(r.id).map.ranges()
+        expected = daemon.service.get_round(r.id).map.ranges()
         assert np.array_equal(await c.free_ranges(r.id), expected)
         for fmt in ("ranges", "bitmap", "json"):
             e = await c.export(f"round.{fmt}", fmt, r.id)
@@ -264,7 +264,7 @@ async def test_ranges_come_in_pages(daemon, guest, monkeypatch):
     c = await Raw.open(daemon.control_path)
     rid = (await c.cmd("start-free-page-round"))["return"]["id"]
     await g.answer_bitmap_request(model)
-    expected = daemon.get_round(rid).map.ranges().tolist()
+    expected = daemon.service.get_round(rid).map.ranges().tolist()
     got, start = [], 0
     while start is not None:
         page = (await c.cmd("query-free-page-round", {"id": rid, "ranges": True,
@@ -447,3 +447,63 @@ def test_ctl_events_prints_each_event_once_in_order():
     lines = [json.loads(x) for x in out.getvalue().splitlines()]
     assert [x["event"] for x in lines] == ["BALLOON_CHANGE", "FREE_PAGE_ROUND_COMPLETED"]
     assert lines[0] == {"event": "BALLOON_CHANGE", "data": {"actual": 1}, "timestamp": 1.5}
+
+
+async def test_item15_hostile_ids_and_file_names_get_clean_errors(daemon, guest):
+    g, model = guest
+    c = await Raw.open(daemon.control_path)
+    await c.send(b'{"execute": "query-balloon", "id": 1e400}')
+    assert (await c.reply())["error"]["desc"] == "JSON parse error, number 1e400 is out of range"
+    r = await c.cmd("start-free-page-round")
+    await g.answer_bitmap_request(model)
+    await c.send(b'{"execute": "export-free-page-map", "arguments": {"filename": "m\\ud800", '
+                 b'"format": "ranges"}}')
+    desc = (await c.reply())["error"]["desc"]
+    assert "lone surrogate" in desc and "internal error" not in desc
+    assert (await c.cmd("query-free-page-round", {"id": r["return"]["id"]}))["return"]["state"] \
+        == "done"
+    await c.close()
+
+
+async def test_item3_an_evicted_round_is_a_clean_error_and_later_rounds_work(daemon, guest):
+    g, model = guest
+    c = await Raw.open(daemon.control_path)
+    first = (await c.cmd("start-free-page-round", {"kind": "bitmap"}))["return"]["id"]
+    for _ in range(4):
+        assert "return" in await c.cmd("start-free-page-round", {"kind": "hint"})
+    err = (await c.cmd("query-free-page-round", {"id": first}))["error"]
+    assert err == {"class": "GenericError", "desc": err["desc"]}
+    assert err["desc"].startswith(f"no round {first} ")
+    nxt = (await c.cmd("start-free-page-round", {"kind": "bitmap"}))["return"]["id"]
+    await g.answer_bitmap_request(model)        # the buffer carried the first round's id
+    await g.answer_bitmap_request(model)        # reposted: it carries nxt's
+    assert (await c.cmd("query-free-page-round", {"id": nxt}))["return"]["state"] == "done"
+    ended = [e["data"]["id"] for e in c.events if e["event"] == "FREE_PAGE_ROUND_COMPLETED"]
+    assert ended.count(first) == 1
+    await c.close()
+
+
+async def test_item3_and_item14_across_reconnects_with_a_new_layout(no_fd_leak, daemon):
+    from vbtest import GiB, attached_guest
+    c = await Raw.open(daemon.control_path)
+    async with attached_guest(daemon, 1 * GiB, seed=3) as (g, model):
+        daemon.device.bitmap.idle_timeout = 0.05
+        first = (await c.cmd("start-free-page-round", {"kind": "bitmap"}))["return"]["id"]
+        for _ in range(4):
+            await c.cmd("start-free-page-round", {"kind": "hint"})
+        assert "error" in await c.cmd("query-free-page-round", {"id": first})
+        for _ in range(300):                     # the evicted round times out
+            if any(e["data"]["id"] == first for e in c.events):
+                break
+            await c.cmd("query-version")
+            await asyncio.sleep(0.01)
+    for size in (2 * GiB, 1 * GiB):              # reconnects, each with another layout
+        async with attached_guest(daemon, size, seed=4) as (g, model):
+            r = (await c.cmd("start-free-page-round", {"kind": "bitmap"}))["return"]["id"]
+            await g.answer_bitmap_request(model)
+            q = (await c.cmd("query-free-page-round", {"id": r}))["return"]
+            assert q["state"] == "done" and q["free-pages"] == model.free_pages()
+    await c.cmd("query-version")
+    ended = [e["data"]["id"] for e in c.events if e["event"] == "FREE_PAGE_ROUND_COMPLETED"]
+    assert len(ended) == len(set(ended)) and first in ended
+    await c.close()

@@ -53,6 +53,7 @@ from harness import (
     Guest, GuestError, GuestTimeout, Qmp, eventually, set_pdeathsig, wait_until,
 )
 
+from vballoon.devices.balloon import ActualChanged
 from vballoon.devices.balloon.device import FEATURE_NAMES, Balloon
 from vballoon.app.daemon import Daemon
 
@@ -144,12 +145,12 @@ class DaemonLog(logging.Handler):
 
 
 class Watch:
-    """Await the daemon's device changes (Balloon.on_change: "actual", "stats", or
-    ("round", r)) instead of polling for them. The daemon's own listener stays in place."""
+    """Await the daemon's device changes (Balloon.on_change: typed events, ActualChanged,
+    StatsUpdated, RoundEnded...) instead of polling for them. The daemon's sink stays in place."""
 
     def __init__(self, device: Balloon) -> None:
         self.device = device
-        self.changes: list[tuple[float, str]] = []
+        self.changes: list[tuple[float, Any]] = []
         self._event = asyncio.Event()
         self._chained = device.on_change
         device.on_change = self._changed
@@ -731,7 +732,7 @@ class TestLifecycle:
         # inflates 16384 pages again. Wait for it to say so itself (a SET_CONFIG after
         # the reboot), not for the daemon's possibly stale copy of `actual`.
         await watch.until(lambda: dev.actual == 16384 and any(
-            t > rebooted and w == "actual" for t, w in watch.changes),
+            t > rebooted and isinstance(w, ActualChanged) for t, w in watch.changes),
             what="the new driver to inflate to the persisting target")
         assert dev.counters.inflated_pages == dev.actual == 16384
         # ... and those pages (of a new driver) were discarded again.

@@ -9,7 +9,7 @@ import stat
 import numpy as np
 import pytest
 
-from vballoon.devices.balloon.device import HintRound
+from vballoon.fpmap.rounds import HintRound
 from vballoon.errors import ConfigError
 from vballoon.fpmap.export import (HEADER, MAGIC, ExportFormatError, read_export, write_atomically,
                              write_export)
@@ -336,3 +336,9 @@ def test_a_reader_refuses_bitmaps_that_break_the_map_rules(tmp_path, which, pfn,
     data[at] |= 1 << (pfn % 8)
     with pytest.raises(ExportFormatError, match=match):
         _reads(tmp_path, data)
+
+
+def test_item15_a_lone_surrogate_file_name_is_refused_cleanly(tmp_path):
+    from vballoon.fpmap.export import open_target
+    with pytest.raises(ConfigError, match="export-path.*lone surrogate"):
+        open_target(str(tmp_path), "map-\ud800.vbmap")

@@ -401,3 +401,43 @@ def test_the_framer_never_holds_more_than_the_limit(data):
     f = Framer(max_size=64)
     f.feed(data)
     assert len(f._buf) <= 64
+
+
+# -- issue 10 ----------------------------------------------------------------------------------
+
+def test_item4_framing_errors_count_against_the_buffer_limit():
+    """Stray bytes while a command is pending: the reader stops at its bound of ``buffered``
+    (as the control server does, at 4 * the message limit) and memory stays bounded."""
+    import tracemalloc
+    conn = ServerConnection(SCHEMA, version_info(), max_size=4096)
+    run(conn, b'{"execute": "qmp_capabilities"}')
+    limit = 4 * 4096
+    conn.receive_data(b'{"execute": "query-balloon"}')
+    assert isinstance(conn.next_event(), Execute)           # pending: nothing is answered
+    tracemalloc.start()
+    fed = 0
+    while fed < 1 << 20 and conn.buffered < limit:
+        conn.receive_data(b"\x01" * 4096)                  # a framing error each
+        fed += 4096
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert fed <= limit + 4096                              # the reader stopped early
+    assert peak < 1 << 20, f"{peak / 2**20:.1f} MiB for {fed} stray bytes"
+    conn.send_return({})
+    out = run(conn, b"")
+    assert out[0] == {"return": {}} and len(out) == 1 + fed
+    assert all(error(r)[1].startswith("JSON parse error, stray") for r in out[1:])
+
+
+def test_item15_an_id_out_of_a_doubles_range_is_a_clean_error():
+    conn = connect()
+    out = run(conn, b'{"execute": "query-balloon", "id": 1e400}')
+    assert error(out[0]) == ("GenericError", "JSON parse error, number 1e400 is out of range")
+    out = run(conn, b'{"execute": "query-balloon", "id": 1.5}')      # the session goes on
+    assert out == [{"return": {"ran": "query-balloon"}, "id": 1.5}]
+
+
+def test_item15_an_integer_id_too_long_to_convert_is_a_clean_error():
+    conn = connect()
+    out = run(conn, b'{"execute": "query-balloon", "id": ' + b"9" * 5000 + b"}")
+    assert error(out[0])[0] == "GenericError" and "JSON parse error" in error(out[0])[1]

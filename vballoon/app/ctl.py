@@ -222,8 +222,7 @@ def _run(c: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> Any:
         reply, text = _round_json(r), round_text(r)
     elif cmd == "export":
         e = c.export(args.file, args.format, args.id)
-        reply = {"id": e.id, "path": e.path, "format": e.format, "bytes": e.bytes,
-                 "ranges": e.ranges}
+        reply = e.to_qmp()
         text = (f"wrote {e.path}: round {e.id}, {e.format}, {human(e.bytes)}, "
                 f"{e.ranges:,} free ranges")
     elif cmd == "map":
@@ -252,17 +251,7 @@ def _run(c: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> Any:
 
 
 def _round_json(r: RoundInfo) -> dict[str, Any]:
-    d = {"id": r.id, "kind": r.kind, "state": r.state, "complete": r.complete,
-         "coverage": r.coverage, "ram-pages": r.ram_pages, "covered-pages": r.covered_pages,
-         "free-pages": r.free_pages, "free-bytes": r.free_bytes,
-         "requested-at": r.requested_at, "finished-at": r.finished_at, "duration": r.duration}
-    if r.abort_reason:
-        d["abort-reason"] = r.abort_reason
-    if r.ranges is not None:
-        d["range-count"] = r.range_count
-        d["ranges"] = [{"start-pfn": a, "pages": n} for a, n in r.ranges.tolist()]
-        d["next-pfn"] = r.next_pfn
-    return d
+    return r.to_qmp()
 
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:

@@ -1,200 +1,172 @@
-"""The daemon: one balloon device served on a vhost-user socket, its timers, and the API the
-control socket exposes (QEMU's names and units where QEMU has the command).
+"""The daemon: any :class:`~vballoon.virtio.device.Device` served on a vhost-user socket, with
+its one deadline timer and supervised background tasks; for the balloon, its service
+(:class:`~vballoon.app.service.BalloonService`) on the control socket.
 
-Everything asynchronous that is not the vhost-user transport lives here or in the control
-server: the stats timer, the round timer, signal handling.
+Time: the device says when it next needs time (``next_deadline()``); the daemon arms one
+timer for the earliest deadline and re-arms it after every device event, every vhost-user
+message or kick (``Server.on_activity``) and every control command.  An idle daemon sleeps.
+
+Supervision: a background task that fails is logged with its traceback and the daemon stops
+with an error (:meth:`Daemon.wait` raises), never dies silently; the timer's callback logs a
+failing ``handle_timer`` and is armed again.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-import time
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-from vballoon.devices.balloon.device import PAGE, Balloon, HintRound, round_kind, round_state
-from vballoon.errors import ConfigError, DeviceNotActive
-from vballoon.fpmap import Round
+from vballoon.app.service import BalloonService
+from vballoon.devices.balloon import Balloon
+from vballoon.errors import VballoonError
 from vballoon.vhost.transport import Server
+from vballoon.virtio.device import Device, DeviceEvent
+
+if TYPE_CHECKING:
+    from vballoon.control.server import ControlServer
 
 log = logging.getLogger(__name__)
 
-TICK = 1.0      # seconds between checks of round time-outs
+
+class DaemonFailed(VballoonError):
+    """A background task of the daemon failed; the daemon stopped."""
 
 
 class Daemon:
-    def __init__(self, socket_path: str, *, features: Iterable[str] | None = None,
-                 stats_interval: float = 5.0, control_path: str | None = None,
-                 export_dir: str | None = None) -> None:
-        self.device = Balloon(features)
+    """Serve ``device`` (default: a :class:`Balloon` with ``features`` and ``stats_interval``)
+    on ``socket_path``; with ``control_path``, serve its service as QMP there."""
+
+    def __init__(self, socket_path: str, device: Device | None = None, *,
+                 features: Iterable[str] | None = None, stats_interval: float = 5.0,
+                 control_path: str | None = None, export_dir: str | None = None) -> None:
+        if device is None:
+            device = Balloon(features, stats_interval=stats_interval)
+        self.device = device
         self.socket_path = socket_path
         self.control_path = control_path
         self.export_dir = export_dir
-        self.stats_interval = stats_interval
         self.server: Server | None = None
-        self.control: Any = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self.control: ControlServer | None = None
+        #: the device's control API (the balloon's; None for a device without one)
+        self.service: BalloonService | None = None
+        if isinstance(device, Balloon):
+            self.service = BalloonService(device, export_dir=export_dir,
+                                          is_active=self._driver_attached)
+        self._tasks: dict[asyncio.Task[Any], str] = {}
         self._stopped = asyncio.Event()
-        self._round_waiters: dict[int, list[asyncio.Future[Any]]] = {}
-        #: event listeners: called with (QMP event name, data dict)
-        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
-        self.device.on_change = self._on_change
+        self._failure: BaseException | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None
+        #: timer wake-ups so far (a figure for tests: an idle daemon makes none)
+        self.wakeups = 0
+        device.on_change = self._on_device_event
 
     # -- life cycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
         self.server = Server(self.socket_path, self.device)
-        self._tasks.append(self.server.start())
-        self._tasks.append(asyncio.ensure_future(self._timer(TICK, self._tick)))
-        if self.stats_interval > 0:
-            self._tasks.append(asyncio.ensure_future(
-                self._timer(self.stats_interval, self.device.request_stats)))
+        self.server.on_activity = self.rearm
+        self.supervise(self.server.start(), "vhost-user accept loop")
         if self.control_path is not None:
+            if self.service is None:
+                raise VballoonError("control-no-service", "this device has no control service")
             from vballoon.control.server import ControlServer
-            self.control = ControlServer(self.control_path, self)
+            self.control = ControlServer(self.control_path, self.service,
+                                         on_command=self.rearm)
             await self.control.start()
+        self.rearm()
         log.info("listening on %s (queues: %d, features offered: %#x)", self.socket_path,
                  self.device.max_queues(), self.device.features())
 
-    async def _timer(self, period: float, fn: Callable[[], object]) -> None:
-        while True:
-            await asyncio.sleep(period)
-            if self.server is not None and self.server.connected:
-                fn()
+    def supervise(self, task: "asyncio.Future[Any]", name: str) -> None:
+        """Watch a background task: if it ends with an exception, log it and stop the daemon
+        with an error (a task of the daemon never dies silently)."""
+        t = asyncio.ensure_future(task)
+        self._tasks[t] = name
+        t.add_done_callback(self._task_done)
 
-    def _tick(self) -> None:
-        self.device.tick(time.time())
+    def _task_done(self, t: "asyncio.Task[Any]") -> None:
+        name = self._tasks.get(t, "task")
+        if t.cancelled():
+            return
+        exc = t.exception()
+        if exc is not None:
+            log.error("%s failed; the daemon stops", name, exc_info=exc)
+            self._failure = self._failure or exc
+            self._stopped.set()
 
     def stop(self) -> None:
         self._stopped.set()
 
     async def wait(self) -> None:
+        """Until :meth:`stop`; :raise DaemonFailed: a supervised task failed."""
         await self._stopped.wait()
+        if self._failure is not None:
+            raise DaemonFailed("daemon-task-failed", f"a background task failed: "
+                               f"{type(self._failure).__name__}: {self._failure}")
 
     async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.control is not None:
             await self.control.close()
             self.control = None
-        for t in self._tasks:
+        tasks = list(self._tasks)
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except asyncio.CancelledError:
-                pass
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         if self.server is not None:
             await self.server.close()
             self.server = None
-        for waiters in self._round_waiters.values():
-            for f in waiters:
-                if not f.done():
-                    f.cancel()
+        if self.service is not None:
+            self.service.close()
+
+    # -- time ------------------------------------------------------------------------------
+
+    def rearm(self) -> None:
+        """Arm the one timer at the device's earliest deadline (or none)."""
+        try:
+            deadline = self.device.next_deadline()
+        except Exception:
+            log.exception("next_deadline failed")
+            deadline = None
+        if deadline == self._deadline and (deadline is None or self._timer is not None):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._deadline = deadline
+        if deadline is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:       # not started yet (or closed): armed at start()
+            self._deadline = None
+            return
+        delay = max(0.0, deadline - self.device.clock())
+        self._timer = loop.call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer, self._deadline = None, None
+        self.wakeups += 1
+        try:
+            self.device.handle_timer(self.device.clock())
+        except Exception:
+            log.exception("the device's timer failed")
+        self.rearm()
 
     # -- events ----------------------------------------------------------------------------
 
-    def emit(self, event: str, data: dict[str, Any]) -> None:
-        for listener in list(self.listeners):
-            listener(event, data)
+    def _on_device_event(self, event: DeviceEvent) -> None:
+        if self.service is not None:
+            self.service.handle_event(event)
+        self.rearm()
 
-    def _on_change(self, what: str, *args: Any) -> None:
-        if what == "actual":
-            self.emit("BALLOON_CHANGE", {"actual": self.logical_size()})
-        elif what == "round":
-            r = args[0]
-            self.emit("FREE_PAGE_ROUND_COMPLETED", self.round_info(r.id))
-            for f in self._round_waiters.pop(r.id, []):
-                if not f.done():
-                    f.set_result(r)
-
-    # -- the API (QEMU's names and units where QEMU has them) ---------------------------------
-
-    @property
-    def active(self) -> bool:
-        """A guest driver is attached: a front-end is connected and the driver set features."""
-        return self.server is not None and self.server.driver_attached \
-            and self.device.mem is not None
-
-    def _require_active(self) -> None:
-        if not self.active:
-            raise DeviceNotActive()
-
-    def ram_bytes(self) -> int:
-        return self.device.ram_pages * PAGE
-
-    def logical_size(self) -> int:
-        """QEMU's ``actual``: the guest's memory size in bytes after ballooning."""
-        return self.ram_bytes() - self.device.actual * PAGE
-
-    def balloon(self, value: int) -> None:
-        """QEMU's ``balloon``: ask for a guest of ``value`` bytes (rounded down to pages)."""
-        self._require_active()
-        if value <= 0:
-            raise ConfigError("balloon-value", "Parameter 'value' expects a size")
-        target = max(0, self.ram_bytes() - value) // PAGE
-        self.device.set_target(target)
-
-    def query_balloon(self) -> dict[str, Any]:
-        self._require_active()
-        return {"actual": self.logical_size()}
-
-    def guest_stats(self) -> dict[str, Any]:
-        """The latest stats in the shape of QEMU's ``guest-stats`` QOM property."""
-        self._require_active()
-        st = self.device.stats
-        return {"stats": {f"stat-{k}": v for k, v in st.values.items()},
-                "last-update": int(st.updated or 0)}
-
-    def start_round(self, kind: str = "auto") -> Round | HintRound:
-        """Ask the guest for a map of its free pages.  Start dirty tracking *before* this."""
-        self._require_active()
-        return self.device.start_round(kind)
-
-    async def wait_round(self, round_id: int, timeout: float | None = None) -> Round | HintRound:
-        r = self.get_round(round_id)
-        if r.active:
-            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self._round_waiters.setdefault(round_id, []).append(fut)
-            try:
-                await asyncio.wait_for(fut, timeout)
-            finally:
-                waiters = self._round_waiters.get(round_id, [])
-                if fut in waiters:
-                    waiters.remove(fut)
-        return r
-
-    def get_round(self, round_id: int | None = None) -> Round | HintRound:
-        rounds = self.device.rounds
-        if round_id is None:
-            if not rounds:
-                raise ConfigError("round-unknown", "no free page round has been started")
-            return rounds[next(reversed(rounds))]
-        if round_id not in rounds:
-            raise ConfigError("round-unknown", f"no round {round_id} (known: "
-                              f"{', '.join(map(str, rounds)) or 'none'})")
-        return rounds[round_id]
-
-    def round_info(self, round_id: int | None = None, *, ranges: bool = False,
-                   max_ranges: int = 1024) -> dict[str, Any]:
-        """A round's summary; with ``ranges``, its first ``max_ranges`` free ranges."""
-        r = self.get_round(round_id)
-        m = r.map
-        end = r.finished_at
-        info: dict[str, Any] = {
-            "id": r.id, "kind": round_kind(r), "state": round_state(r),
-            "complete": r.complete, "coverage": m.coverage(),
-            "ram-pages": m.ram_pages, "covered-pages": m.covered_pages(),
-            "free-pages": m.free_pages(), "free-bytes": m.free_pages() * PAGE,
-            "requested-at": r.requested_at, "finished-at": end,
-            "duration": None if end is None else end - r.requested_at,
-        }
-        if r.abort_reason:
-            info["abort-reason"] = r.abort_reason
-        if ranges:
-            rs = m.ranges()
-            info["range-count"] = int(rs.shape[0])
-            info["ranges"] = [{"start-pfn": int(a), "pages": int(n)} for a, n in rs[:max_ranges]]
-        return info
+    def _driver_attached(self) -> bool:
+        return self.server is not None and self.server.driver_attached
 
 
 async def serve(socket_path: str, **kw: Any) -> None:

@@ -55,7 +55,7 @@ async def run_demo(mem_bytes: int = 8 << 30, *, seed: int = 2, out: str = "vball
             await guest.probe()
             print(f"daemon on {daemon.socket_path}; loopback front-end attached (vhost-user, "
                   f"memfd guest RAM, eventfds); the guest acked features "
-                  f"{guest.acked:#x}: queues {', '.join(daemon.device.roles.values())}")
+                  f"{guest.acked:#x}: queues {', '.join(daemon.device.queue_names)}")
             await _inflate(daemon, guest, ram)
             await _round(daemon, guest, model, out)
         finally:
@@ -72,22 +72,21 @@ async def _inflate(daemon: Daemon, guest: BalloonGuest, ram: GuestRam) -> None:
     for pfn in guest.pool[:pages]:
         ram.at(pfn * FRAME, 8)[:] = b"usedpage"          # the guest's data: backed pages
     before = ram.allocated_bytes
-    daemon.balloon(daemon.ram_bytes() - 64 * MiB)
+    daemon.service.balloon(daemon.service.ram_bytes() - 64 * MiB)
     await guest.fe.wait_config_change()
     await guest.balance()
     c = daemon.device.counters
-    print(f"balloon: target {format_size(daemon.logical_size())} reached; guest RAM backing fell by "
+    print(f"balloon: target {format_size(daemon.service.logical_size())} reached; guest RAM backing fell by "
           f"{format_size(before - ram.allocated_bytes)} in {c.discard_calls} discard calls "
           f"(one per contiguous range)")
 
 
 async def _round(daemon: Daemon, guest: BalloonGuest, model: BuddyModel, out: str) -> None:
     t0 = time.perf_counter()
-    r = daemon.start_round("bitmap")
+    r = daemon.device.start_round("bitmap")
     chunks = await guest.answer_bitmap_request(model)
-    await daemon.wait_round(r.id, timeout=10)
+    info = (await daemon.service.wait_round(r.id, timeout=10)).to_qmp()
     elapsed = time.perf_counter() - t0
-    info = daemon.round_info(r.id)
     ranges = r.map.ranges()
     ram = info["ram-pages"] * FRAME
     free = info["free-bytes"]
@@ -98,11 +97,11 @@ async def _round(daemon: Daemon, guest: BalloonGuest, model: BuddyModel, out: st
     print(f"  a migration that tracks dirty pages from before the request can skip "
           f"{format_size(free)}: it sends {format_size(ram - free)} instead of {format_size(ram)}")
     os.makedirs(out, exist_ok=True)
-    res = write_export(r, out, f"round-{r.id}.vbmap", "ranges", ballooned=daemon.device.inflated)
+    res = write_export(r, out, f"round-{r.id}.vbmap", "ranges")
     back = read_export(res.path)
     assert back.ranges.shape == ranges.shape, "the export does not read back"
     png = os.path.abspath(os.path.join(out, f"round-{r.id}.png"))
-    render_png(r.map, daemon.device.inflated, png, width=1024,
+    render_png(r.map, daemon.device.ballooned_bitmap(r.map.max_pfn), png, width=1024,
                title=f"round {r.id}: {format_size(free)} free of {format_size(ram)}")
     print(f"  map written: {res.path} ({res.bytes:,} bytes, {res.ranges:,} ranges; "
           f"protocol/export-format.md), picture {png}")

@@ -1,7 +1,7 @@
 """The migration hook's Python API: a client of the daemon's control socket.
 
 A migration engine that tracks dirty pages itself uses it like this (the contract is in
-``shared/DESIGN.md``: dirty tracking starts *before* the round is requested)::
+``protocol/bitmap-queue.md`` §7: dirty tracking starts *before* the round is requested)::
 
     from vballoon.control.client import Client
 
@@ -29,12 +29,16 @@ import itertools
 import json
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Coroutine, TypeVar
 
 import numpy as np
 
+from vballoon.control.models import BalloonInfo, ExportInfo, GuestStats, RoundInfo
 from vballoon.errors import VballoonError
+
+__all__ = ["AsyncClient", "BalloonInfo", "Client", "Event", "ExportInfo", "GuestStats",
+           "QMPCommandError", "QMPConnectionError", "RoundInfo"]
 
 MAX_REPLY = 64 << 20          # bytes of one reply line (65536 ranges take about 3 MiB)
 EVENT_HISTORY = 1024          # events kept for wait_event()/wait_round()
@@ -55,75 +59,7 @@ class QMPCommandError(VballoonError):
         self.error_class, self.desc, self.command = error_class, desc, command
 
 
-# -- typed replies ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class BalloonInfo:
-    """``query-balloon``: the guest's memory size after ballooning, in bytes."""
-
-    actual: int
-
-
-@dataclass(frozen=True)
-class GuestStats:
-    """``query-guest-stats``: ``stats`` by QEMU's names ("stat-free-memory", ...), and the
-    Unix time they were last updated (0: never)."""
-
-    stats: dict[str, int]
-    last_update: int
-
-
-@dataclass(frozen=True)
-class RoundInfo:
-    """A free-page round (``start-free-page-round``, ``query-free-page-round``, the
-    ``FREE_PAGE_ROUND_COMPLETED`` event).  ``ranges``: an ``(n, 2)`` int64 array of
-    ``(start_pfn, npages)`` when ranges were asked for, else None."""
-
-    id: int
-    kind: str
-    state: str
-    complete: bool
-    coverage: float
-    ram_pages: int
-    covered_pages: int
-    free_pages: int
-    free_bytes: int
-    requested_at: float
-    finished_at: float | None
-    duration: float | None
-    abort_reason: str | None = None
-    range_count: int | None = None
-    ranges: np.ndarray | None = field(default=None, compare=False)
-    next_pfn: int | None = None
-
-    @property
-    def active(self) -> bool:
-        """The guest may still add to the round's map."""
-        return self.state in ("requested", "receiving")
-
-    @classmethod
-    def from_qmp(cls, d: dict[str, Any]) -> "RoundInfo":
-        ranges = None
-        if "ranges" in d:
-            ranges = np.array([(r["start-pfn"], r["pages"]) for r in d["ranges"]],
-                              dtype=np.int64).reshape(-1, 2)
-        return cls(d["id"], d["kind"], d["state"], d["complete"], d["coverage"], d["ram-pages"],
-                   d["covered-pages"], d["free-pages"], d["free-bytes"], d["requested-at"],
-                   d["finished-at"], d["duration"], d.get("abort-reason"), d.get("range-count"),
-                   ranges, d.get("next-pfn"))
-
-
-@dataclass(frozen=True)
-class ExportInfo:
-    """``export-free-page-map``: the file written (read it with
-    :func:`vballoon.export.read_export`)."""
-
-    id: int
-    path: str
-    format: str
-    bytes: int
-    ranges: int
-
+# -- typed replies (one home: vballoon.control.models) ----------------------------------------
 
 @dataclass(frozen=True)
 class Event:

@@ -51,6 +51,8 @@ DEVICE_NOT_ACTIVE = "DeviceNotActive"
 
 MAX_MESSAGE_SIZE = 64 << 10    # bytes of one command; QEMU allows 64 MiB, vballoon's are tiny
 MAX_NESTING = 32               # open braces and brackets; QEMU: 1024
+ERROR_COST = 64                # bytes a queued framing error counts for (with its text)
+PUMP = 1024                    # input bytes framed at a time while the queue has room
 CRLF = b"\r\n"
 
 
@@ -188,14 +190,19 @@ class Framer:
     object" or a parse error, as QEMU answers them.  A text longer than ``max_size`` bytes or
     deeper than ``max_nesting`` is dropped with one :class:`FramingError`, and the framer skips
     to its end; a stray byte (:data:`_STRAY`) drops any partial text.  Memory stays below
-    ``max_size`` per partial text, plus the complete texts not yet taken.
+    ``max_size`` per partial text, plus the complete texts and errors not yet taken: input
+    is framed only while those stay under ``2 * max_size`` (an error counts
+    :data:`ERROR_COST` bytes and its text); the rest waits, raw, and counts in
+    :attr:`buffered` -- so a reader that stops reading at a bound of :attr:`buffered` holds
+    bounded memory whatever the bytes are (stray bytes included: one error each).
     """
 
     def __init__(self, max_size: int = MAX_MESSAGE_SIZE, max_nesting: int = MAX_NESTING) -> None:
         self.max_size, self.max_nesting = max_size, max_nesting
         self._buf = bytearray()
+        self._raw = bytearray()     # input not framed yet
         self._out: deque[bytes | FramingError] = deque()
-        self._queued = 0            # bytes in _out
+        self._queued = 0            # cost of _out, in bytes
         self._reset()
 
     def _reset(self) -> None:
@@ -206,21 +213,36 @@ class Framer:
     @property
     def buffered(self) -> int:
         """Bytes held: the partial text and the complete ones not yet taken."""
-        return len(self._buf) + self._queued
+        return len(self._buf) + self._queued + len(self._raw)
 
     def next(self) -> bytes | FramingError | None:
         """The next complete text (or error), oldest first; None if there is none."""
         if not self._out:
-            return None
+            self._pump()
+            if not self._out:
+                return None
         item = self._out.popleft()
-        if isinstance(item, bytes):
-            self._queued -= len(item)
+        self._queued -= self._cost(item)
         return item
+
+    @staticmethod
+    def _cost(item: bytes | FramingError) -> int:
+        return len(item) if isinstance(item, bytes) else ERROR_COST + len(item.desc)
 
     def _emit(self, item: bytes | FramingError) -> None:
         self._out.append(item)
-        if isinstance(item, bytes):
-            self._queued += len(item)
+        self._queued += self._cost(item)
+
+    def feed(self, data: bytes) -> None:
+        """Take more bytes; complete texts become available to :meth:`next`."""
+        self._raw += data
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._raw and self._queued < 2 * self.max_size:
+            piece = bytes(self._raw[:PUMP])
+            del self._raw[:PUMP]
+            self._frame(piece)
 
     def _take(self, data: bytes, a: int, b: int) -> None:
         if self._skipping or a == b:
@@ -244,8 +266,7 @@ class Framer:
         self._reset()
         self._emit(FramingError(f"JSON parse error, stray '{_show(byte)}'"))
 
-    def feed(self, data: bytes) -> None:
-        """Take more bytes; complete texts become available to :meth:`next`."""
+    def _frame(self, data: bytes) -> None:
         i, n = 0, len(data)
         while i < n:
             if self._in_string:
@@ -350,6 +371,13 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"invalid keyword '{name}'")      # NaN, Infinity: not JSON
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):                       # 1e400: no double holds it
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
 def parse_json(raw: bytes) -> Any:
     """One JSON text as QEMU's parser takes it, or CommandError(GenericError, "JSON parse
     error, ...")."""
@@ -359,7 +387,7 @@ def parse_json(raw: bytes) -> Any:
         raise CommandError(GENERIC_ERROR, "JSON parse error, invalid UTF-8 sequence") from None
     try:
         return json.loads(text, object_pairs_hook=_no_duplicate_keys,
-                          parse_constant=_no_constant)
+                          parse_constant=_no_constant, parse_float=_finite)
     except json.JSONDecodeError as e:
         msg = e.msg
     except ValueError as e:

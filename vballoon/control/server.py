@@ -1,7 +1,8 @@
 """The control socket: QMP over a Unix socket, for the CLI, scripts and migration engines.
 
-The protocol core is :mod:`vballoon.qmp` (sans-IO); this module is its asyncio side and the
-commands, which call the daemon's API (:class:`vballoon.daemon.Daemon`).  The commands, their
+The protocol core is :mod:`vballoon.control.qmp` (sans-IO); this module is its asyncio side and
+the commands, which call a service (:class:`vballoon.control.models.ControlService`; the
+balloon's is :class:`vballoon.app.service.BalloonService`).  The commands, their
 arguments and their replies are specified in ``protocol/control-socket.md``.
 
 - The socket is created mode 0600 (fchmod before bind), then renamed into place, so the
@@ -29,7 +30,7 @@ from typing import Any, Awaitable, Callable
 from vballoon import __version__
 from vballoon.control import qmp
 from vballoon.errors import DeviceNotActive, VballoonError
-from vballoon.fpmap.export import write_export
+from vballoon.control.models import ControlService
 from vballoon.control.qmp import GENERIC_ERROR, Command, CommandError, Enum
 from vballoon.sockets import listen_unix
 
@@ -114,11 +115,14 @@ class _Client:
 
 
 class ControlServer:
-    """Serves ``daemon``'s API as QMP on the Unix socket ``path`` (mode 0600)."""
+    """Serves ``service`` as QMP on the Unix socket ``path`` (mode 0600).  ``on_command`` is
+    called after every command (the daemon re-arms its timer then)."""
 
-    def __init__(self, path: str, daemon: Any) -> None:
+    def __init__(self, path: str, service: ControlService, *,
+                 on_command: Callable[[], None] = lambda: None) -> None:
         self.path = path
-        self.daemon = daemon
+        self.service = service
+        self.on_command = on_command
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[_Client] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -141,13 +145,12 @@ class ControlServer:
         """Listen.  :raise ConfigError: the path is in use, or not a socket, or unusable."""
         sock = listen_unix(self.path, mode=0o600)     # born 0600: never open to others
         self._server = await asyncio.start_unix_server(self._serve, sock=sock)
-        self.daemon.listeners.append(self._broadcast)
+        self.service.subscribe(self._broadcast)
         log.info("control socket on %s", self.path)
 
     async def close(self) -> None:
         """Stop listening, disconnect every client, remove the socket."""
-        if self._broadcast in self.daemon.listeners:
-            self.daemon.listeners.remove(self._broadcast)
+        self.service.unsubscribe(self._broadcast)
         if self._server is None:
             return
         self._server.close()
@@ -242,6 +245,10 @@ class ControlServer:
         else:
             client.conn.send_return(result)
         client.flush()
+        try:
+            self.on_command()
+        except Exception:
+            log.exception("on_command failed")
 
     # -- events -----------------------------------------------------------------------------
 
@@ -264,14 +271,14 @@ class ControlServer:
         return [{"name": name} for name in sorted(client.conn.commands)]
 
     async def _balloon(self, client: _Client, args: dict[str, Any]) -> Any:
-        self.daemon.balloon(args["value"])
+        self.service.balloon(args["value"])
         return {}
 
     async def _query_balloon(self, client: _Client, args: dict[str, Any]) -> Any:
-        return self.daemon.query_balloon()
+        return self.service.query_balloon().to_qmp()
 
     async def _query_guest_stats(self, client: _Client, args: dict[str, Any]) -> Any:
-        return self.daemon.guest_stats()
+        return self.service.guest_stats().to_qmp()
 
     async def _start_round(self, client: _Client, args: dict[str, Any]) -> Any:
         timeout = args.get("timeout")
@@ -281,53 +288,26 @@ class ControlServer:
             if not (math.isfinite(timeout) and timeout > 0):
                 raise CommandError(GENERIC_ERROR,
                                    "Parameter 'timeout' expects a positive number of seconds")
-        r = self.daemon.start_round(args.get("kind", "auto"))
+        info = self.service.start_round(args.get("kind", "auto"))
+        self.on_command()          # the round's deadline, while the command waits
         if args.get("wait"):
             try:
-                await self.daemon.wait_round(r.id, timeout)
+                info = await self.service.wait_round(info.id, timeout)
             except TimeoutError:
-                raise CommandError(GENERIC_ERROR, f"free page round {r.id} did not end within "
-                                   f"{timeout:g} s; it goes on (see query-free-page-round)"
-                                   ) from None
-        return self.daemon.round_info(r.id)
+                raise CommandError(GENERIC_ERROR, f"free page round {info.id} did not end "
+                                   f"within {timeout:g} s; it goes on (see "
+                                   "query-free-page-round)") from None
+        return info.to_qmp()
 
     async def _query_round(self, client: _Client, args: dict[str, Any]) -> Any:
         limit = args.get("max-ranges", DEFAULT_RANGES)
         if not 0 <= limit <= MAX_RANGES:
             raise CommandError(GENERIC_ERROR, f"Parameter 'max-ranges' expects an integer "
                                f"from 0 to {MAX_RANGES}")
-        info = self.daemon.round_info(args.get("id"))
-        if args.get("ranges"):
-            m = self.daemon.get_round(info["id"]).map
-            start = args.get("start-pfn", 0)
-            if not 0 <= start <= m.max_pfn:
-                raise CommandError(GENERIC_ERROR, f"Parameter 'start-pfn' expects a pfn from 0 "
-                                   f"to {m.max_pfn}")
-            rs = m.ranges_in(start, m.max_pfn)
-            part = rs[:limit].tolist()
-            info["range-count"] = len(rs)
-            info["ranges"] = [{"start-pfn": a, "pages": n} for a, n in part]
-            if len(rs) > len(part):         # where the next page of ranges starts
-                info["next-pfn"] = part[-1][0] + part[-1][1] if part else start
-            else:
-                info["next-pfn"] = None
-        return info
+        return self.service.query_round(args.get("id"), ranges=bool(args.get("ranges")),
+                                        max_ranges=limit,
+                                        start_pfn=args.get("start-pfn", 0)).to_qmp()
 
     async def _export(self, client: _Client, args: dict[str, Any]) -> Any:
-        export_dir = self.daemon.export_dir
-        if export_dir is None:
-            raise CommandError(GENERIC_ERROR, "the daemon has no export directory (start it "
-                               "with --export-dir DIR)")
-        r = self.daemon.get_round(args.get("id"))
-        write = (export_dir, args["filename"], args["format"])
-        if r.active:        # the loop still merges into this map: write it here, in the loop
-            res = write_export(r, *write, ballooned=self.daemon.device.inflated)
-        else:
-            # A finished map no longer changes: write it (and fsync) off the loop, so a big
-            # export does not hold up the vhost-user session.  Coverage is written lazily;
-            # settle it here first, and give the thread its own copy of the ballooned pages.
-            r.map.covered
-            res = await asyncio.to_thread(write_export, r, *write,
-                                          ballooned=self.daemon.device.inflated.copy())
-        return {"id": r.id, "path": res.path, "format": res.format, "bytes": res.bytes,
-                "ranges": res.ranges}
+        res = await self.service.export_map(args.get("id"), args["filename"], args["format"])
+        return res.to_qmp()

@@ -20,6 +20,7 @@ int fb_fill(uint64_t *map, size_t nwords, uint64_t lo, uint64_t hi, int value);
 int64_t fb_popcount(const uint64_t *map, size_t nwords, uint64_t lo, uint64_t hi);
 int64_t fb_runs(const uint64_t *map, size_t nwords, uint64_t lo, uint64_t hi,
                 uint64_t *out, size_t cap, uint64_t *next);
+int64_t fb_count_runs(const uint64_t *map, size_t nwords, uint64_t lo, uint64_t hi);
 """
 
 SOURCE = r"""
@@ -233,6 +234,24 @@ full:                               /* m is even here: every start written has i
     for (uint64_t j = 0; j < m; j += 2)
         out[j + 1] -= out[j];
     return (int64_t)(m / 2);
+}
+
+/* The number of maximal runs of set bits inside [lo, hi) (a run cut by lo counts), or -1:
+   the starts of runs, counted without writing any. */
+HOT int64_t fb_count_runs(const uint64_t *map, size_t nwords, uint64_t lo, uint64_t hi)
+{
+    if (!window_ok(nwords, lo, hi))
+        return -1;
+    if (lo == hi)
+        return 0;
+    struct window v = window_of(lo, hi);
+    uint64_t x = word_at(map, &v, v.first), prev = x, n = popcount64(x & ~(x << 1));
+    for (size_t i = v.first + 1; i <= v.last; i++) {
+        x = i == v.last ? map[i] & v.tail : map[i];
+        n += popcount64(x & ~((x << 1) | (prev >> 63)));
+        prev = x;
+    }
+    return (int64_t)n;
 }
 """
 

@@ -28,7 +28,6 @@ from typing import IO, Any, Iterator
 
 import numpy as np
 
-from vballoon.devices.balloon.device import round_kind, round_state
 from vballoon.errors import ConfigError
 from vballoon.fpmap.map import MAX_PFNS, PAGE_SHIFT, FreePageMap
 from vballoon.wire import C, Layout
@@ -83,6 +82,10 @@ def open_target(export_dir: str, filename: str) -> tuple[int, str]:
         raise _refuse("the file name is empty")
     if "\0" in filename:
         raise _refuse("the file name contains a NUL byte")
+    try:
+        filename.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _refuse("the file name is not valid Unicode (a lone surrogate)") from None
     if filename.startswith("/"):
         raise _refuse(f"{filename!r} is absolute: name a file inside the export directory")
     parts = filename.split("/")
@@ -181,10 +184,10 @@ def _bitmap_words(bits: np.ndarray | None, nwords: int) -> np.ndarray:
 
 def _header(rnd: Any, fmt: str, nr_ranges: int) -> bytes:
     m: FreePageMap = rnd.map
-    state = round_state(rnd)
+    state = rnd.state.value
     return HEADER.pack(
         magic=C.VBALLOON_EXPORT_MAGIC, version=VERSION, page_shift=PAGE_SHIFT,
-        payload=PAYLOADS[fmt], round_id=rnd.id, kind=KINDS[round_kind(rnd)],
+        payload=PAYLOADS[fmt], round_id=rnd.id, kind=KINDS[rnd.kind],
         state=STATES[state], flags=C.VBALLOON_EXPORT_F_COMPLETE if rnd.complete else 0,
         nr_extents=len(m.ram), max_pfn=m.max_pfn, ram_pages=m.ram_pages,
         covered_pages=m.covered_pages(), free_pages=m.free_pages(), nr_ranges=nr_ranges,
@@ -217,7 +220,7 @@ def json_summary(rnd: Any) -> dict[str, Any]:
     m: FreePageMap = rnd.map
     return {
         "format": JSON_FORMAT_NAME, "version": VERSION, "page-size": 1 << PAGE_SHIFT,
-        "round": {"id": rnd.id, "kind": round_kind(rnd), "state": round_state(rnd),
+        "round": {"id": rnd.id, "kind": rnd.kind, "state": rnd.state.value,
                   "complete": bool(rnd.complete), "requested-at": rnd.requested_at,
                   "finished-at": rnd.finished_at},
         "max-pfn": m.max_pfn, "ram-pages": m.ram_pages, "covered-pages": m.covered_pages(),
@@ -240,8 +243,8 @@ def _write_json(f: IO[bytes], rnd: Any) -> int:
 
 def write_export(rnd: Any, export_dir: str, filename: str, fmt: str = "ranges", *,
                  ballooned: np.ndarray | None = None) -> ExportResult:
-    """Write round ``rnd``'s map (a :class:`~vballoon.fpmap.Round` or
-    :class:`~vballoon.balloon.HintRound`) to ``filename`` inside ``export_dir``.
+    """Write round ``rnd``'s map (a :class:`~vballoon.fpmap.Round`, of either kind) to
+    ``filename`` inside ``export_dir``.
 
     ``ballooned``: the device's inflated-page bitmap (uint8, bit p = pfn p), for the bitmap
     format's third bitmap; all zero if None.  A running round may be exported: the header says

@@ -35,6 +35,7 @@ MAX_CHUNK_PFNS = C.VIRTIO_BALLOON_BITMAP_MAX_CHUNK_PFNS
 CMD_GET_FREE = C.VIRTIO_BALLOON_BITMAP_CMD_GET_FREE
 F_DONE = C.VIRTIO_BALLOON_BITMAP_F_DONE
 MAX_PFNS = 1 << 36               # pfn space limit (256 TiB): 8 GiB per bitmap, holes included
+SEGMENT_GAP_WORDS = 1 << 12     # a hole of more words (256 Ki pfns, 1 GiB) splits the bitmaps
 RANGES_FIRST_CAPACITY = 1 << 14  # (start, npages) pairs; doubles as needed
 COVER_BACKLOG = 4096             # covered intervals recorded before they are written out
 
@@ -83,6 +84,19 @@ def _zeroed(nwords: int) -> np.ndarray:
     return words
 
 
+class _Segment:
+    """The words ``[lo_word, lo_word + nwords)`` of a map's two bitmaps: one run of RAM
+    extents whose holes between them are small enough to keep in the bitmaps."""
+
+    def __init__(self, lo_word: int, hi_word: int) -> None:
+        self.lo_word, self.nwords = lo_word, hi_word - lo_word
+        self.base, self.end = lo_word * 64, hi_word * 64
+        self.free = _zeroed(self.nwords)
+        self.covered = _zeroed(self.nwords)
+        self.free_p = ffi.from_buffer("uint64_t[]", self.free, require_writable=True)
+        self.cov_p = ffi.from_buffer("uint64_t[]", self.covered, require_writable=True)
+
+
 class FreePageMap:
     """Which pages of a guest were free during one round, and which pages the round covered.
 
@@ -90,8 +104,13 @@ class FreePageMap:
     e.g. ``[(0, 2 << 30), (4 << 30, 2 << 30)]`` for a 4 GiB x86 guest: the pfn space is
     ``[0, max_pfn)`` with the PCI hole in it.  A page not wholly inside one pair is a hole.
 
-    Memory: ``free`` and ``covered`` are ``ceil(max_pfn / 64)`` words each — 32 MiB each for a
-    1 TiB guest.  Nothing else of that order is allocated while chunks are merged.
+    Memory follows the RAM present, not the pfn span: the two bitmaps (``free`` and
+    ``covered``) are kept per *segment*, a run of RAM extents separated by holes of at most
+    :data:`SEGMENT_GAP_WORDS` words (64 pfns each); a larger hole starts a new segment and
+    costs nothing.  A usual layout (RAM from 0, a PCI hole) is one segment of
+    ``ceil(max_pfn / 64)`` words per bitmap -- 32 MiB each for a 1 TiB guest; a 64 MiB guest
+    with a region at 16 TiB is two segments of a few KiB.  Nothing else of that order is
+    allocated while chunks are merged.
 
     Both bitmaps are zeroed when the map is made — for a round, at the request, while the
     guest scans — so that merging chunks does not also pay the first-touch page faults.
@@ -106,12 +125,18 @@ class FreePageMap:
         self.ram: tuple[tuple[int, int], ...] = tuple(ram)
         self.max_pfn: int = ram[-1][1]
         self.ram_pages: int = sum(b - a for a, b in ram)
+        #: words of one bitmap over the whole pfn space (the size of :attr:`free` as exported)
         self.nwords = -(-self.max_pfn // 64)
-        self.free = _zeroed(self.nwords)
-        self._covered = _zeroed(self.nwords)
-        self._free_p = ffi.from_buffer("uint64_t[]", self.free, require_writable=True)
-        self._cov_p = ffi.from_buffer("uint64_t[]", self._covered, require_writable=True)
-        self._cov_todo: list[tuple[int, int]] = []      # covered intervals not yet in _covered
+        spans: list[list[int]] = []
+        for a, b in ram:
+            lo, hi = a // 64, -(-b // 64)
+            if spans and lo - spans[-1][1] <= SEGMENT_GAP_WORDS:
+                spans[-1][1] = max(spans[-1][1], hi)
+            else:
+                spans.append([lo, hi])
+        self._segs = [_Segment(lo, hi) for lo, hi in spans]
+        self._seg_base = [g.base for g in self._segs]
+        self._cov_todo: list[tuple[int, int]] = []      # covered intervals not yet written
         # Holes: the gaps between RAM extents (and the tail of the last word): [lo, hi) pfns.
         edges = [0] + [x for ext in ram for x in ext] + [self.nwords * 64]
         holes = [(edges[i], edges[i + 1]) for i in range(0, len(edges), 2)
@@ -123,6 +148,22 @@ class FreePageMap:
         return (f"<FreePageMap max_pfn={self.max_pfn} ram_pages={self.ram_pages} "
                 f"free={self.free_pages()} coverage={self.coverage():.3f}>")
 
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes of the two bitmaps (what a round costs)."""
+        return sum(g.free.nbytes + g.covered.nbytes for g in self._segs)
+
+    def _parts(self, lo: int, hi: int) -> Iterator[tuple[_Segment, int, int]]:
+        """The segments ``[lo, hi)`` meets, each with the window's part inside it (global
+        pfns); what falls between segments is hole."""
+        k = max(0, bisect.bisect_right(self._seg_base, lo) - 1)
+        while k < len(self._segs) and self._segs[k].base < hi:
+            g = self._segs[k]
+            a, b = max(lo, g.base), min(hi, g.end)
+            if a < b:
+                yield g, a, b
+            k += 1
+
     # -- writing --------------------------------------------------------------------------
 
     def _check_range(self, start_pfn: int, npages: int) -> None:
@@ -130,11 +171,18 @@ class FreePageMap:
             raise ConfigError("fpmap-range", f"pfns [{start_pfn:#x}, {start_pfn + npages:#x}) "
                               f"run past the end of the pfn space ({self.max_pfn:#x})")
 
-    def _clear_holes(self, words: Any, lo: int, hi: int) -> None:
+    def _clear_holes(self, g: _Segment, words: Any, lo: int, hi: int) -> None:
         i = bisect.bisect_right(self._hole_hi, lo)
         while i < len(self._hole_lo) and self._hole_lo[i] < hi:
-            lib.fb_fill(words, self.nwords, max(lo, self._hole_lo[i]), min(hi, self._hole_hi[i]), 0)
+            a, b = max(lo, self._hole_lo[i]), min(hi, self._hole_hi[i])
+            lib.fb_fill(words, g.nwords, a - g.base, b - g.base, 0)
             i += 1
+
+    def _fill(self, which: str, lo: int, hi: int) -> None:
+        for g, a, b in self._parts(lo, hi):
+            words = g.free_p if which == "free" else g.cov_p
+            lib.fb_fill(words, g.nwords, a - g.base, b - g.base, 1)
+            self._clear_holes(g, words, a, b)
 
     def _cover(self, lo: int, hi: int) -> None:
         todo = self._cov_todo
@@ -148,8 +196,7 @@ class FreePageMap:
     def _flush_covered(self) -> None:
         todo, self._cov_todo = self._cov_todo, []
         for lo, hi in todo:
-            lib.fb_fill(self._cov_p, self.nwords, lo, hi, 1)
-            self._clear_holes(self._cov_p, lo, hi)
+            self._fill("covered", lo, hi)
 
     def or_bitmap(self, start_pfn: int, bits: Any, nbits: int | None = None) -> None:
         """OR ``nbits`` bits of ``bits`` into ``free`` at ``start_pfn``; mark them covered.
@@ -188,10 +235,29 @@ class FreePageMap:
     def or_spans(self, start_pfn: int, srcs: Any, lens: Any, n: int, nbits: int) -> None:
         """The merge itself: ``n`` spans as cffi ``uint8_t *[]`` / ``size_t[]`` arrays; the
         caller checked the window and that the spans hold ``nbits``."""
-        if lib.fb_or(self._free_p, self.nwords, srcs, lens, n, start_pfn, nbits):
-            raise ConfigError("fpmap-range", "fb_or refused the window")  # pragma: no cover
-        self._clear_holes(self._free_p, start_pfn, start_pfn + nbits)
-        self._cover(start_pfn, start_pfn + nbits)
+        end = start_pfn + nbits
+        parts = list(self._parts(start_pfn, end))
+        if len(parts) == 1 and parts[0][1] == start_pfn and parts[0][2] == end:
+            g = parts[0][0]           # the usual case: the chunk lies in one segment
+            if lib.fb_or(g.free_p, g.nwords, srcs, lens, n, start_pfn - g.base, nbits):
+                raise ConfigError("fpmap-range", "fb_or refused the window")  # pragma: no cover
+            self._clear_holes(g, g.free_p, start_pfn, end)
+        elif parts:                   # across segments: gather the bits, OR each part
+            need = -(-nbits // 8)
+            data = bytearray()
+            for i in range(n):
+                if len(data) >= need:
+                    break
+                data += ffi.buffer(srcs[i], min(lens[i], need - len(data)))[:]
+            bits = np.unpackbits(np.frombuffer(bytes(data), dtype=np.uint8),
+                                 bitorder="little")[:nbits]
+            for g, a, b in parts:
+                piece = np.packbits(bits[a - start_pfn:b - start_pfn], bitorder="little")
+                with ffi.from_buffer("uint8_t[]", piece) as p:
+                    lib.fb_or(g.free_p, g.nwords, ffi.new("uint8_t *[]", [p]),
+                              ffi.new("size_t[]", [len(piece)]), 1, a - g.base, b - a)
+                self._clear_holes(g, g.free_p, a, b)
+        self._cover(start_pfn, end)
 
     def mark_free_range(self, pfn: int, npages: int) -> None:
         """Mark ``[pfn, pfn+npages)`` free and covered (a FREE_PAGE_HINT block; holes excepted).
@@ -201,26 +267,43 @@ class FreePageMap:
         """
         pfn, npages = check_int("pfn", pfn), check_int("npages", npages)
         self._check_range(pfn, npages)
-        lib.fb_fill(self._free_p, self.nwords, pfn, pfn + npages, 1)
-        self._clear_holes(self._free_p, pfn, pfn + npages)
+        self._fill("free", pfn, pfn + npages)
         self._cover(pfn, pfn + npages)
 
     # -- reading --------------------------------------------------------------------------
+
+    def _dense(self, which: str) -> np.ndarray:
+        segs = self._segs
+        if len(segs) == 1 and segs[0].lo_word == 0 and segs[0].nwords == self.nwords:
+            return getattr(segs[0], which)
+        out = np.zeros(self.nwords, dtype=np.uint64)
+        for g in segs:
+            hi = min(g.lo_word + g.nwords, self.nwords)
+            out[g.lo_word:hi] = getattr(g, which)[:hi - g.lo_word]
+        return out
+
+    @property
+    def free(self) -> np.ndarray:
+        """The free bitmap over ``[0, max_pfn)`` (``nwords`` words; made on demand, a copy,
+        when the map has more than one segment)."""
+        return self._dense("free")
 
     @property
     def covered(self) -> np.ndarray:
         """The covered bitmap (layout of :attr:`free`): pages some chunk or hint spoke of."""
         self._flush_covered()
-        return self._covered
+        return self._dense("covered")
 
     def free_pages(self) -> int:
         """Pages marked free (never in a hole)."""
-        return int(lib.fb_popcount(self._free_p, self.nwords, 0, self.max_pfn))
+        return sum(int(lib.fb_popcount(g.free_p, g.nwords, 0, g.nwords * 64))
+                   for g in self._segs)
 
     def covered_pages(self) -> int:
         """RAM pages some chunk (or hint) of the round said something about."""
         self._flush_covered()
-        return int(lib.fb_popcount(self._cov_p, self.nwords, 0, self.max_pfn))
+        return sum(int(lib.fb_popcount(g.cov_p, g.nwords, 0, g.nwords * 64))
+                   for g in self._segs)
 
     def coverage(self) -> float:
         """Covered RAM pages / RAM pages, in [0, 1].  Uncovered pages are unknown, not free."""
@@ -233,6 +316,22 @@ class FreePageMap:
             raise ConfigError("fpmap-window", f"window [{lo:#x}, {hi:#x}) is not inside "
                               f"[0, {self.max_pfn:#x})")
         return lo, hi
+
+    def _runs(self, lo: int, hi: int, cap: int) -> Iterator[np.ndarray]:
+        """The free ranges of ``[lo, hi)`` in ascending batches of at most ``cap``."""
+        nxt = ffi.new("uint64_t *")
+        for g, a, b in self._parts(lo, hi):
+            a, b = a - g.base, b - g.base
+            while a < b:
+                out = np.empty((cap, 2), dtype=np.uint64)
+                with ffi.from_buffer("uint64_t[]", out, require_writable=True) as p:
+                    got = lib.fb_runs(g.free_p, g.nwords, a, b, p, cap, nxt)
+                assert 0 <= got <= cap and a <= nxt[0] <= b, (got, nxt[0])
+                if got:
+                    part = out[:got].view(np.int64)
+                    part[:, 0] += g.base
+                    yield part
+                a = nxt[0]
 
     def ranges(self) -> np.ndarray:
         """The free ranges: an ``(n, 2)`` int64 array of ``(start_pfn, npages)``, ascending."""
@@ -248,16 +347,52 @@ class FreePageMap:
         lo, hi = self._window(start_pfn, end_pfn)
         out = np.empty((RANGES_FIRST_CAPACITY, 2), dtype=np.uint64)
         n, nxt = 0, ffi.new("uint64_t *")
-        while True:
-            with ffi.from_buffer("uint64_t[]", out[n:], require_writable=True) as p:
-                got = lib.fb_runs(self._free_p, self.nwords, lo, hi, p, len(out) - n, nxt)
-            assert 0 <= got <= len(out) - n and lo <= nxt[0] <= hi, (got, nxt[0])
-            n, lo = n + got, nxt[0]
-            if lo == hi:
-                return out[:n].view(np.int64)
-            grown = np.empty((2 * len(out), 2), dtype=np.uint64)
-            grown[:n] = out[:n]
-            out = grown
+        for g, a, b in self._parts(lo, hi):
+            a, b = a - g.base, b - g.base
+            while True:
+                if n == len(out):
+                    grown = np.empty((2 * len(out), 2), dtype=np.uint64)
+                    grown[:n] = out[:n]
+                    out = grown
+                with ffi.from_buffer("uint64_t[]", out[n:], require_writable=True) as p:
+                    got = lib.fb_runs(g.free_p, g.nwords, a, b, p, len(out) - n, nxt)
+                assert 0 <= got <= len(out) - n and a <= nxt[0] <= b, (got, nxt[0])
+                out[n:n + got, 0] += np.uint64(g.base)
+                n, a = n + got, nxt[0]
+                if a == b:
+                    break
+        return out[:n].view(np.int64)
+
+    def count_ranges(self, start_pfn: int = 0, end_pfn: int | None = None) -> int:
+        """How many free ranges :meth:`ranges_in` would return, without making them."""
+        lo, hi = self._window(start_pfn, end_pfn)
+        return sum(int(lib.fb_count_runs(g.free_p, g.nwords, a - g.base, b - g.base))
+                   for g, a, b in self._parts(lo, hi))
+
+    def range_page(self, start_pfn: int, limit: int) -> tuple[np.ndarray, int, int | None]:
+        """One page of free ranges from ``start_pfn`` on: ``(ranges, count, next_pfn)``.
+
+        ``ranges``: the first ``limit`` ranges of ``[start_pfn, max_pfn)`` (clipped at
+        ``start_pfn``); ``count``: how many there are in all; ``next_pfn``: where the next page
+        starts (the end of the last range returned, or ``start_pfn`` if none was), None when
+        this page holds the last range.  Costs ``limit`` ranges of memory, however many exist.
+        """
+        lo, hi = self._window(start_pfn, None)
+        limit = check_int("limit", limit)
+        count = self.count_ranges(lo, hi)
+        n = min(limit, count)
+        part = np.empty((n, 2), dtype=np.int64)
+        got = 0
+        if n:
+            for batch in self._runs(lo, hi, n):
+                k = min(len(batch), n - got)
+                part[got:got + k] = batch[:k]
+                got += k
+                if got == n:
+                    break
+        if count <= n:
+            return part, count, None
+        return part, count, int(part[-1, 0] + part[-1, 1]) if n else lo
 
     def iter_ranges(self, start_pfn: int = 0, end_pfn: int | None = None,
                     batch: int = 1 << 16) -> Iterator[np.ndarray]:
@@ -270,15 +405,7 @@ class FreePageMap:
         batch = check_int("batch", batch)
         if batch == 0:
             raise ConfigError("fpmap-argument", "batch must be at least 1")
-        nxt = ffi.new("uint64_t *")
-        while lo < hi:
-            out = np.empty((batch, 2), dtype=np.uint64)
-            with ffi.from_buffer("uint64_t[]", out, require_writable=True) as p:
-                got = lib.fb_runs(self._free_p, self.nwords, lo, hi, p, batch, nxt)
-            assert 0 <= got <= batch and lo <= nxt[0] <= hi, (got, nxt[0])
-            if got:
-                yield out[:got].view(np.int64)
-            lo = nxt[0]
+        yield from self._runs(lo, hi, batch)
 
     def file_ranges(self, regions: Sequence[tuple[int, int, int]]) -> np.ndarray:
         """The free ranges as ``(region index, file offset, length)`` rows, in bytes, int64.
@@ -288,7 +415,7 @@ class FreePageMap:
         and parts outside every region are left out.  Rows come in guest-physical order.
 
         For consumers that read guest memory through the region fds (a migration engine).
-        Never punch holes with them: these pages were only *hinted* free (shared/DESIGN.md).
+        Never punch holes with them: these pages were only *hinted* free (``protocol/bitmap-queue.md`` §7).
         """
         regs = []
         for i, r in enumerate(regions):

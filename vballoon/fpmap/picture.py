@@ -8,7 +8,7 @@ proportion, so a pixel that is 10 % free is tinted, not hidden by a majority:
 
 - free: the round reported it free;
 - in use: the round covered it and did not report it free;
-- unknown: RAM the round did not cover (never "free": ``shared/DESIGN.md``);
+- unknown: RAM the round did not cover (never "free": the correctness contract, ``protocol/bitmap-queue.md`` §7);
 - ballooned: in the balloon (the guest gave it to the host);
 - hole: not RAM (the PCI hole, the tail of the last row).
 

@@ -20,8 +20,10 @@ ROUND_IDLE_TIMEOUT = 5.0         # seconds without a merged chunk: the round is 
 
 # -- the round protocol (spec §4-§6) ---------------------------------------------------------------
 
-class RoundState(enum.Enum):
-    """§5.  IDLE is "no round yet"; DONE and ABORTED are final and keep their map."""
+class RoundState(str, enum.Enum):
+    """§5.  IDLE is "no round yet"; DONE and ABORTED are final and keep their map.
+
+    A ``str`` enum: a state equals its name on the wire (``RoundState.DONE == "done"``)."""
 
     IDLE = "idle"
     REQUESTED = "requested"      # request id handed to the driver, no chunk merged yet
@@ -56,20 +58,31 @@ class Verdict(enum.Enum):
 
 @dataclass(eq=False)
 class Round:
-    """One round: its request id, its map, where it is in §5's state machine, and counters."""
+    """One free-page round of either kind -- a bitmap-queue round (``kind="bitmap"``, its id a
+    request id) or a free page hint round (``kind="hint"``, its id a cmd_id): its map, where
+    it is in the state machine (one :class:`RoundState` for both kinds), and counters.
+
+    A round ends exactly once (:meth:`end`): DONE and ABORTED are final.
+    """
 
     id: int
     map: FreePageMap
     requested_at: float
+    kind: str = "bitmap"
     state: RoundState = RoundState.REQUESTED
     last_activity: float = 0.0
     finished_at: float | None = None
     abort_reason: str | None = None
-    chunks: int = 0                                      # chunks merged
+    chunks: int = 0                                      # chunks merged (bitmap rounds)
+    hints: int = 0                                       # hinted blocks (hint rounds)
     dropped: Counter[Verdict] = field(default_factory=Counter)   # chunks with this id, dropped
 
     def __post_init__(self) -> None:
-        self.last_activity = self.requested_at
+        if isinstance(self.state, str):
+            self.state = RoundState(self.state)
+        if self.kind not in ("bitmap", "hint"):
+            raise ConfigError("round-kind", f"unknown round kind {self.kind!r}")
+        self.last_activity = self.last_activity or self.requested_at
 
     @property
     def request(self) -> bytes:
@@ -82,8 +95,26 @@ class Round:
 
     @property
     def complete(self) -> bool:
-        """The driver said DONE.  Coverage may still be < 1 (dropped chunks, skipped ranges)."""
+        """The driver said DONE (STOP for hints).  Coverage may still be < 1 (dropped chunks,
+        skipped ranges)."""
         return self.state is RoundState.DONE
+
+    def end(self, state: RoundState, now: float, reason: str | None = None) -> bool:
+        """Move an active round to DONE or ABORTED (with ``reason``); True if it was active,
+        False (and nothing changes) if it had already ended."""
+        if not self.active:
+            return False
+        assert state in (RoundState.DONE, RoundState.ABORTED)
+        self.state, self.finished_at = state, now
+        if state is RoundState.ABORTED:
+            self.abort_reason = reason
+        return True
+
+
+def HintRound(id: int, map: FreePageMap, requested_at: float, state: RoundState | str =
+              RoundState.REQUESTED) -> Round:
+    """A free page hint round (VIRTIO 1.2 §5.5.6.4): a :class:`Round` of kind "hint"."""
+    return Round(id, map, requested_at, kind="hint", state=RoundState(state))
 
 
 class BitmapRounds:
@@ -104,6 +135,8 @@ class BitmapRounds:
         self.current: Round | None = None
         self.dropped: Counter[Verdict] = Counter()     # every dropped chain, any id
         self._first_id = self._next_id = first_id
+        #: the request id in the last chain's header (None: no header could be read)
+        self.last_chunk_id: int | None = None
 
     @property
     def state(self) -> RoundState:
@@ -120,25 +153,37 @@ class BitmapRounds:
         self.current = rnd
         return rnd
 
-    def abort(self, reason: str, now: float) -> None:
-        """End the active round, if any, keeping what it merged (its coverage says how much)."""
+    def abort(self, reason: str, now: float) -> bool:
+        """End the active round, if any, keeping what it merged (its coverage says how much).
+        True if a round ended here."""
         rnd = self.current
-        if rnd is not None and rnd.active:
-            rnd.state, rnd.abort_reason, rnd.finished_at = RoundState.ABORTED, reason, now
+        return rnd is not None and rnd.end(RoundState.ABORTED, now, reason)
 
-    def set_layout(self, layout: Iterable[tuple[int, int]], now: float) -> None:
-        """The guest's memory changed: abort the active round; later rounds use ``layout``."""
+    def set_layout(self, layout: Iterable[tuple[int, int]], now: float) -> bool:
+        """The guest's memory changed: abort the active round; later rounds use ``layout``.
+        An identical layout is no change (§5): nothing happens.  True if a round ended."""
         layout = list(layout)
         ram_extents(layout)
-        self.abort("memory-changed", now)
+        if layout == self.layout:
+            return False
         self.layout = layout
+        return self.abort("memory-changed", now)
+
+    @property
+    def next_id(self) -> int:
+        """The request id the next :meth:`request` will issue."""
+        return self._next_id
+
+    def next_deadline(self) -> float | None:
+        """When the active round times out if no chunk comes (None: no active round)."""
+        rnd = self.current
+        return rnd.last_activity + self.idle_timeout if rnd is not None and rnd.active else None
 
     def expire(self, now: float) -> bool:
         """Abort the active round if it has been idle for ``idle_timeout``; True if it was."""
         rnd = self.current
         if rnd is not None and rnd.active and now - rnd.last_activity >= self.idle_timeout:
-            self.abort("timeout", now)
-            return True
+            return self.abort("timeout", now)
         return False
 
     def receive(self, readable: Sequence[Any], writable_len: int = 0, *,
@@ -169,6 +214,7 @@ class BitmapRounds:
         ``ptrs[i]`` lie in guest memory, and hands them over without a memoryview each.
         """
         verdict, hdr = self._check(ptrs, lens, n, writable_len)
+        self.last_chunk_id = None if hdr is None else int(hdr.id)
         rnd = self.current
         if not verdict.merged:
             self.dropped[verdict] += 1
@@ -180,7 +226,7 @@ class BitmapRounds:
         rnd.chunks += 1
         rnd.last_activity = now
         if verdict is Verdict.DONE:
-            rnd.state, rnd.finished_at = RoundState.DONE, now
+            rnd.end(RoundState.DONE, now)
         else:
             rnd.state = RoundState.RECEIVING
         return verdict
