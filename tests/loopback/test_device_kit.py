@@ -4,35 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 import pytest
 
 from vballoon.app.daemon import Daemon, DaemonFailed
+from vballoon.devices.rng import Rng
 from vballoon.sim import Frontend, GuestRam
 from vballoon.sim.driver import DriverQueue
-from vballoon.virtio.device import ChainBatch, Device, TRANSPORT_FEATURES
+from vballoon.virtio.device import Device, TRANSPORT_FEATURES
 from vballoon.wire import C
-
-
-class Rng(Device):
-    """virtio-rng (VIRTIO 1.2 §5.4): one queue, device-writable buffers filled with entropy."""
-
-    device_id = 4
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.handlers = {"request": self._request}
-
-    def queue_roles(self, features: int) -> list[str]:
-        return ["request"]
-
-    def _request(self, vq, mem) -> bool:
-        batch = ChainBatch(vq, mem)
-        for chain in batch:
-            n = sum(b.len for b in chain.writable)
-            vq.push(chain, chain.write(mem, os.urandom(n)) if n else 0)
-        return batch.more
 
 
 async def test_the_daemon_serves_a_second_device(tmp_path):

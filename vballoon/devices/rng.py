@@ -7,19 +7,14 @@ config space.  QEMU: ``-device vhost-user-test-device-pci,chardev=...,virtio-id=
 """
 from __future__ import annotations
 
-import logging
 import os
 
 from vballoon.errors import GuestError
-from vballoon.virtio.device import Device
+from vballoon.virtio.device import ChainBatch, Device
 from vballoon.virtio.memory import GuestMemory
 from vballoon.virtio.virtqueue import VirtQueue
-from vballoon.wire import C
-
-log = logging.getLogger(__name__)
 
 MAX_REQUEST = 64 << 10      # bytes filled per buffer; a driver asking for more gets this much
-CHAINS_PER_CALL = 64        # chains handled per process() call before the loop gets a turn
 
 
 class Rng(Device):
@@ -28,19 +23,14 @@ class Rng(Device):
     def __init__(self) -> None:
         super().__init__()
         self.bytes_served = 0
+        self.handlers = {"request": self._request}
 
-    def features(self) -> int:
-        return 1 << C.VIRTIO_F_VERSION_1 | 1 << C.VIRTIO_RING_F_EVENT_IDX \
-            | 1 << C.VIRTIO_RING_F_INDIRECT_DESC
+    def queue_roles(self, features: int) -> list[str]:
+        return ["request"]
 
-    def max_queues(self) -> int:
-        return 1
-
-    def process(self, vq: VirtQueue, mem: GuestMemory) -> bool:
-        for _ in range(CHAINS_PER_CALL):
-            chain = vq.pop(mem)
-            if chain is None:
-                return False
+    def _request(self, vq: VirtQueue, mem: GuestMemory) -> bool:
+        batch = ChainBatch(vq, mem)
+        for chain in batch:
             if chain.readable:
                 raise GuestError("rng-readable-buffer", f"queue {vq.index} chain {chain.head}: "
                                  "requestq buffers are device-writable only")
@@ -48,4 +38,4 @@ class Rng(Device):
             written = chain.write(mem, os.getrandom(want)) if want else 0
             self.bytes_served += written
             vq.push(chain, written)
-        return True
+        return batch.more

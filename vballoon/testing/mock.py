@@ -5,12 +5,11 @@ from __future__ import annotations
 from vballoon.virtio.device import Device
 from vballoon.virtio.memory import GuestMemory
 from vballoon.virtio.virtqueue import Chain, VirtQueue
-from vballoon.wire import C
 
 
 class MockDevice(Device):
-    """``queues`` queues, ``config`` bytes of config space, device ``feature_bits`` on top of
-    VERSION_1/EVENT_IDX/INDIRECT_DESC.  Every chain a queue gets is kept in ``chains[index]``
+    """``queues`` queues (roles ``q0``, ``q1``, ...), ``config`` bytes of config space, device
+    ``feature_bits`` on top of the transport features.  Every chain a queue gets is kept in ``chains[index]``
     and returned at once with ``written`` bytes (0 by default) unless ``hold`` is set."""
 
     device_id = 0x7F
@@ -23,14 +22,14 @@ class MockDevice(Device):
         self.hold = False
         self.written = 0
         self.chains: dict[int, list[Chain]] = {i: [] for i in range(queues)}
+        self.handlers = {f"q{i}": self._take for i in range(queues)}
         self.calls: list[tuple] = []            # (method name, args...) in call order
 
-    def features(self) -> int:
-        return self.feature_bits | 1 << C.VIRTIO_F_VERSION_1 \
-            | 1 << C.VIRTIO_RING_F_EVENT_IDX | 1 << C.VIRTIO_RING_F_INDIRECT_DESC
+    def device_features(self) -> int:
+        return self.feature_bits
 
-    def max_queues(self) -> int:
-        return self.queues
+    def queue_roles(self, features: int) -> list[str]:
+        return [f"q{i}" for i in range(self.queues)]
 
     def set_features(self, acked: int) -> None:
         super().set_features(acked)
@@ -49,7 +48,7 @@ class MockDevice(Device):
     def queue_stopped(self, vq: VirtQueue) -> None:
         self.calls.append(("queue_stopped", vq.index))
 
-    def process(self, vq: VirtQueue, mem: GuestMemory) -> bool:
+    def _take(self, vq: VirtQueue, mem: GuestMemory) -> bool:
         self.calls.append(("process", vq.index))
         while (chain := vq.pop(mem)) is not None:
             self.chains[vq.index].append(chain)

@@ -7,7 +7,6 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import AsyncIterator, Iterator
 
 from vballoon.sim import DriverQueue, Frontend, GuestRam
-from vballoon.vhost.transport import Server
 from vballoon.virtio.device import Device
 from vballoon.virtio.memory import GuestMemory
 from vballoon.virtio.virtqueue import VirtQueue
@@ -39,14 +38,15 @@ def queue_pair(ram: GuestRam, num: int = 8, *, index: int = 0, indirect: bool = 
 
 @asynccontextmanager
 async def served(device: Device, path: str) -> AsyncIterator[Frontend]:
-    """``device`` served on ``path`` by the vhost-user server, and a loopback front-end
-    connected to it and initialised for every queue the device has."""
-    server = Server(path, device)
-    server.start()
+    """``device`` served on ``path`` by the daemon (any device: the daemon is generic), and a
+    loopback front-end connected to it and initialised for every queue the device has."""
+    from vballoon.app.daemon import Daemon
+    daemon = Daemon(path, device)
+    await daemon.start()
     fe = await Frontend.connect(path)
     try:
         await fe.init(device.max_queues())
         yield fe
     finally:
         await fe.close()
-        await server.close()
+        await daemon.close()
