@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the map (and its picture) are written (default ./vballoon-demo)")
     from .ctl import add_parser as add_ctl_parser
     add_ctl_parser(sub)
+    from .migrate.cli import add_parser as add_migrate_parser
+    add_migrate_parser(sub)
     return p
 
 
@@ -87,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "ctl":
             from .ctl import run as run_ctl
             return run_ctl(args)
+        elif args.command == "migrate":
+            from .migrate.cli import run as run_migrate
+            return run_migrate(args)
     except ConfigError as e:
         print(f"vballoon: error: {e}", file=sys.stderr)
         return 2
