@@ -126,14 +126,14 @@ class Pair:
         (self.tmp / "dst").mkdir(exist_ok=True)
         await self.dst.start(wait_ready=False)
         g = self.src
-        # a workload filled memory and exited (the free pages the map is for)
-        if dirty_mib:
-            await g.dirty(dirty_mib)
         b64 = base64.b64encode(vbgen).decode()
         await g.check("rm -f /tmp/vbgen.b64 /tmp/vbstop")
         for i in range(0, len(b64), 3000):
             await g.check(f"echo -n {b64[i:i + 3000]} >> /tmp/vbgen.b64")
-        await g.check("base64 -d /tmp/vbgen.b64 > /bin/vbgen && chmod 755 /bin/vbgen")
+        await g.check("base64 -d /tmp/vbgen.b64 > /bin/vbgen && chmod 755 /bin/vbgen && rm /tmp/vbgen.b64")
+        # a workload filled memory with non-zero data and exited (the free pages a map is for)
+        if dirty_mib:
+            await g.check(f"vbgen {dirty_mib} /tmp/none once", timeout=300)
         await g.check(f"vbgen {WORK_MIB} /tmp/vbstop > /tmp/vbgen.out 2>&1 &")
         await asyncio.sleep(1.0)
 

@@ -29,7 +29,8 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     m.add_argument("--no-skip-zero", action="store_true", help="source: send zero pages too")
     m.add_argument("--qemu-uri", help="destination: QEMU's migrate-incoming URI")
     m.add_argument("--advertise-uri", help="destination: the URI the source QEMU connects to")
-    m.add_argument("--vhost-socket", help="destination: the fresh daemon's vhost-user socket")
+    m.add_argument("--vhost-socket", help="destination: the fresh daemon's vhost-user socket; "
+                   "source: the daemon's socket to re-plug on failure (default: QEMU's chardev)")
     m.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         if args.to:
             summary = asyncio.run(migrate_source(SourceOptions(
                 qmp=args.qmp, dest=args.to, control=args.control, map=args.map,
-                device_id=args.device_id, max_passes=args.max_passes,
+                device_id=args.device_id, vhost_socket=args.vhost_socket, max_passes=args.max_passes,
                 converge_pages=args.converge_pages, max_bandwidth=parse_size(args.max_bandwidth),
                 skip_zero=not args.no_skip_zero, progress=progress)))
             if args.json:

@@ -56,11 +56,12 @@ class PassStats:
     map_skipped: int = 0     # pages skipped because the round reported them free
     bytes: int = 0           # stream bytes of this pass
     seconds: float = 0.0
+    deferred: int = 0        # pages written since the last look, held back for a later pass
 
     def line(self) -> str:
         return (f"{self.name:<10} {self.candidates:>8} pages considered, {self.data_pages:>8} sent "
                 f"({self.bytes / 2**20:8.1f} MiB), {self.zero_skipped:>8} zero skipped, "
-                f"{self.map_skipped:>8} free (map), {self.seconds * 1000:7.0f} ms")
+                f"{self.map_skipped:>8} free (map), {self.deferred:>7} deferred, {self.seconds * 1000:6.0f} ms")
 
 
 @dataclasses.dataclass
@@ -161,6 +162,12 @@ class Sender:
 
     async def send(self, pages: np.ndarray, st: PassStats) -> None:
         before = self.chan.bytes_sent
+        try:
+            await self._send(pages, st)
+        finally:
+            st.bytes += self.chan.bytes_sent - before
+
+    async def _send(self, pages: np.ndarray, st: PassStats) -> None:
         for first, count in runs(pages, S.MAX_BATCH):
             buf = os.pread(self.fd, count * PAGE_SIZE, first * PAGE_SIZE)
             if len(buf) != count * PAGE_SIZE:
@@ -187,7 +194,6 @@ class Sender:
                     st.zero_skipped += j - i
                 i = j
             sent |= kind > 0
-        st.bytes += self.chan.bytes_sent - before
 
 
 # ----------------------------------------------------------------------------- source
@@ -200,6 +206,8 @@ class SourceOptions:
     control: str | None = None            # source daemon's control socket (map, balloon target)
     map: str = "auto"                     # none | hint | bitmap | auto
     device_id: str | None = None
+    vhost_socket: str | None = None       # the source daemon's vhost-user socket, to re-plug on
+                                          # failure (default: what QEMU's chardev connected to)
     round_timeout: float = 60.0
     max_passes: int = 8
     converge_pages: int = 2048            # stop the dirty passes below this many pages
@@ -297,18 +305,38 @@ async def migrate_source(opt: SourceOptions) -> Summary:
         summary.passes.append(st)
         say(st.line())
 
-        # 4. dirty passes until they converge
+        # 4. dirty passes.  A page is sent once it has stopped changing: pages written since
+        # the last look stay pending (a hot page would only be sent again), pending pages that
+        # were not written since are sent now.  What is still pending goes in the final pass.
+        pending = np.zeros(npages, dtype=bool)
+
+        def mask(pages: np.ndarray) -> np.ndarray:
+            m = np.zeros(npages, dtype=bool)
+            m[pages] = True
+            return m
+
+        async def step(name: str, dirty: np.ndarray, *, flush: bool = False,
+                       t0: float | None = None, report: bool = True) -> PassStats:
+            t0 = time.monotonic() if t0 is None else t0
+            cur = mask(dirty)
+            pending[:] |= cur
+            go = pending if flush else pending & ~cur
+            st = PassStats(name, candidates=len(dirty))
+            await sender.send(np.flatnonzero(go), st)
+            pending[go] = False
+            st.deferred = int(pending.sum())
+            st.seconds = time.monotonic() - t0
+            if report:
+                summary.passes.append(st)
+                say(st.line())
+            return st
+
         async def dirty_passes(label: str, limit: int) -> None:
             prev = None
             for n in range(1, limit + 1):
-                t0 = time.monotonic()
                 dirty = tracker.collect()
-                st = PassStats(f"{label}{n}", candidates=len(dirty))
-                await sender.send(dirty, st)
-                st.seconds = time.monotonic() - t0
-                summary.passes.append(st)
-                say(st.line())
-                # stop once small, or once a pass no longer shrinks the next one by a tenth
+                await step(f"{label}{n}", dirty)
+                # stop once small, or once the written set no longer shrinks by a tenth
                 if len(dirty) <= opt.converge_pages or (prev is not None and len(dirty) > 0.9 * prev):
                     break
                 prev = len(dirty)
@@ -328,11 +356,7 @@ async def migrate_source(opt: SourceOptions) -> Summary:
             if pid != qmp.pid:
                 tracker.release(pid)
         await qmp.execute("chardev-remove", {"id": spec.chardev})
-        st = PassStats("unplug", candidates=len(dirty))
-        await sender.send(dirty, st)
-        st.seconds = time.monotonic() - t0
-        summary.passes.append(st)
-        say(st.line())
+        await step("unplug", dirty, t0=t0)
         if opt.fail_at == "after-unplug":
             raise MigrationError("injected failure after unplug (test)")
 
@@ -342,8 +366,8 @@ async def migrate_source(opt: SourceOptions) -> Summary:
         await qmp.execute("migrate-set-capabilities", {"capabilities": [
             {"capability": "x-ignore-shared", "state": True},
             {"capability": "pause-before-switchover", "state": True}]})
-        # catch up on what the guest wrote during the unplug, so the final pass is short
-        await dirty_passes("pre-mig ", opt.max_passes)
+        # catch up on what the guest wrote during the unplug (cold pages go now, hot ones wait)
+        await step("pre-mig", tracker.collect())
         await qmp.execute("migrate", {"uri": uri})
         migrating = True
         await qmp.wait_migration({"pre-switchover"}, timeout=opt.migrate_timeout)
@@ -353,13 +377,12 @@ async def migrate_source(opt: SourceOptions) -> Summary:
 
         # 7. the final pass, vCPUs stopped; also pages the daemon discarded (holes now) after
         # they were sent: the destination must read zero there too
-        dirty = tracker.collect()
-        st = PassStats("final", candidates=len(dirty))
-        await sender.send(dirty, st)
+        st = await step("final", tracker.collect(), flush=True, t0=t_stop, report=False)
         punched = np.flatnonzero(sender.sent & ~data_mask(fd, npages))
         for first, count in runs(punched, 1 << 30):
             await chan.send(S.encode_zero(first, count))
             st.zero_pages += count
+            st.bytes += S.HEADER.size + S.ZERO_BODY.size
         sender.sent[punched] = False
         await chan.send_control({"type": "final"})
         await chan.recv_control("synced")
@@ -432,12 +455,12 @@ async def _roll_back(qmp: QMP, spec: DeviceSpec | None, chan: S.Channel | None, 
         status = (await qmp.execute("query-status"))["status"]
         if status in ("paused", "postmigrate", "finish-migrate"):
             await qmp.execute("cont")
-        if unplugged and spec is not None and spec.socket_path:
+        if unplugged and spec is not None and (opt.vhost_socket or spec.socket_path):
             try:
                 await qmp.execute("chardev-remove", {"id": spec.chardev})
             except QMPError:
                 pass
-            await plug(qmp, spec, spec.socket_path)
+            await plug(qmp, spec, opt.vhost_socket or spec.socket_path)
             if opt.control and target is not None:
                 await _restore_target(opt.control, target, timeout=30)
             say("balloon re-plugged on the source")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
+import re
 import socket
 import struct
 import time
@@ -172,6 +174,11 @@ class QMP:
         label = props["chardev"]
         fname = next((c["filename"] for c in chardevs if c.get("label") == label), "")
         sock = fname.split("unix:", 1)[1].split(",", 1)[0] if "unix:" in fname else ""
+        # `vballoon serve` binds PATH.PID.tmp and renames it to PATH; QEMU reports the name it
+        # connected to
+        m = re.fullmatch(r"(.*)\.\d+\.tmp", sock)
+        if m and not os.path.exists(sock) and os.path.exists(m[1]):
+            sock = m[1]
         return DeviceSpec(device_id, str(typ), bus_name, label, sock, props)
 
     async def migration_status(self) -> dict[str, Any]:

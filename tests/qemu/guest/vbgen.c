@@ -1,8 +1,10 @@
 /* vbgen: the migration test's guest workload.  No libc (static, -nostdlib), so the test can
  * copy it into the busybox guest over the serial console.
  *
- *   vbgen MIB STOPFILE
+ *   vbgen MIB STOPFILE [once]
  *
+ * With "once" it writes one generation and exits: a workload that filled memory with non-zero
+ * data and went away (the free pages a map is for; freed zero pages would be skipped anyway).
  * Maps MIB MiB and rewrites it forever, one page after the other, generation after generation:
  * every 8-byte word w of page i in generation g holds pattern(g, i, w).  Every 256 pages it
  * looks for STOPFILE; once it exists it checks every page and prints
@@ -45,7 +47,7 @@ static void run(long argc, char **argv) {
     for (;;) {
         u64 *p = m + (i << 9);
         for (u64 w = 0; w < 512; w++) p[w] = pattern(g, i, w);
-        if (++i == pages) { i = 0; g++; }
+        if (++i == pages) { i = 0; g++; if (argc > 3) sys(60, 0, 0, 0, 0, 0, 0); }
         if ((i & 255) == 0 && sys(21, (long)argv[2], 0, 0, 0, 0, 0) == 0) break;  /* access() */
     }
     /* pages [0, i) hold generation g, pages [i, pages) generation g - 1 */
