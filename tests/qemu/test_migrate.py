@@ -109,7 +109,7 @@ class Pair:
         return ["-qmp", f"unix:{qmp},server=on,wait=off",
                 "-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1"]
 
-    async def start(self, vbgen: bytes, *, dirty_mib: int = 200) -> None:
+    async def start(self, vbgen: bytes, *, dirty_mib: int = 200, hot_rate: int = 0) -> None:
         await self.src_daemon.start()
         await self.dst_daemon.start()
         self.src = Guest(self.lab, [*self.common(self.src_qmp),
@@ -125,28 +125,10 @@ class Pair:
                          workdir=self.tmp / "dst")
         (self.tmp / "dst").mkdir(exist_ok=True)
         await self.dst.start(wait_ready=False)
-        g = self.src
-        b64 = base64.b64encode(vbgen).decode()
-        await g.check("rm -f /tmp/vbgen.b64 /tmp/vbstop")
-        for i in range(0, len(b64), 3000):
-            await g.check(f"echo -n {b64[i:i + 3000]} >> /tmp/vbgen.b64")
-        await g.check("base64 -d /tmp/vbgen.b64 > /bin/vbgen && chmod 755 /bin/vbgen && rm /tmp/vbgen.b64")
-        # a workload filled memory with non-zero data and exited (the free pages a map is for)
-        if dirty_mib:
-            await g.check(f"vbgen {dirty_mib} /tmp/none once", timeout=300)
-        await g.check(f"vbgen {WORK_MIB} /tmp/vbstop > /tmp/vbgen.out 2>&1 &")
-        await asyncio.sleep(1.0)
+        await start_workload(self.src, vbgen, fill_mib=dirty_mib, hot_rate=hot_rate)
 
     async def guest_check(self, g: Guest) -> str:
-        await g.check("touch /tmp/vbstop")
-        deadline = time.monotonic() + 120
-        while True:
-            out = await g.check("cat /tmp/vbgen.out")
-            if "errors" in out:
-                return out.strip()
-            if time.monotonic() > deadline:
-                raise GuestError(f"vbgen printed no result: {out!r}")
-            await asyncio.sleep(0.5)
+        return await guest_check(g)
 
     async def close(self) -> None:
         for g in (self.src, self.dst):
@@ -159,6 +141,34 @@ class Pair:
             if os.path.exists(f):
                 os.unlink(f)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def start_workload(g: Guest, vbgen: bytes, *, fill_mib: int, hot_rate: int = 0) -> None:
+    """Copy vbgen in; a workload fills `fill_mib` and exits; then vbgen keeps rewriting
+    WORK_MIB (at most `hot_rate` MiB/s; 0: as fast as the vCPU goes) until told to check."""
+    b64 = base64.b64encode(vbgen).decode()
+    await g.check("rm -f /tmp/vbgen.b64 /tmp/vbstop")
+    for i in range(0, len(b64), 3000):
+        await g.check(f"echo -n {b64[i:i + 3000]} >> /tmp/vbgen.b64")
+    await g.check("base64 -d /tmp/vbgen.b64 > /bin/vbgen && chmod 755 /bin/vbgen && rm /tmp/vbgen.b64")
+    # a workload filled memory with non-zero data and exited (the free pages a map is for)
+    if fill_mib:
+        await g.check(f"vbgen {fill_mib} /tmp/none once", timeout=600)
+    await g.check(f"vbgen {WORK_MIB} /tmp/vbstop {hot_rate or ''} > /tmp/vbgen.out 2>&1 &")
+    await asyncio.sleep(1.0)
+
+
+async def guest_check(g: Guest) -> str:
+    """Stop vbgen; its verdict on every page of its buffer."""
+    await g.check("touch /tmp/vbstop")
+    deadline = time.monotonic() + 120
+    while True:
+        out = await g.check("cat /tmp/vbgen.out")
+        if "errors" in out:
+            return out.strip()
+        if time.monotonic() > deadline:
+            raise GuestError(f"vbgen printed no result: {out!r}")
+        await asyncio.sleep(0.5)
 
 
 def compare_outside_map(src: str, dst: str, free: np.ndarray) -> tuple[int, int]:
@@ -302,5 +312,88 @@ async def test_ram_layout_mismatch_is_refused(lab, vbgen, tmp_path):
         assert await balloon_bound(p.src, timeout=1)  # never unplugged
         out = await p.guest_check(p.src)
         assert re.search(r"errors 0$", out), out
+    finally:
+        await p.close()
+
+
+# ----------------------------------------------------------------------------- figures
+
+BENCH = os.environ.get("VBALLOON_MIGRATE_BENCH") == "1"
+FIG_MIB = int(os.environ.get("VBALLOON_MIGRATE_BENCH_MIB", "1024"))
+FIG_FILL_MIB = FIG_MIB * 7 // 10   # a workload filled 70% of RAM and exited
+FIG_HOT_RATE = 32                  # then vbgen rewrites 64 MiB at <= 32 MiB/s
+FIG_BANDWIDTH = 128 * MiB          # QEMU's default max-bandwidth, for both
+_figures: list[dict] = []
+
+
+def _record(qemu_report, row: dict) -> None:
+    _figures.append(row)
+    qemu_report.line(
+        f"figures {FIG_MIB} MiB guest, {row['config']:<16} sent {row['mib']:7.1f} MiB, "
+        f"{row['seconds']:5.1f} s, downtime {row['downtime_ms']:4.0f} ms; guest: {row['guest']}")
+    out = os.environ.get("VBALLOON_MIGRATE_BENCH_OUT")
+    if out:
+        import json
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+@pytest.mark.skipif(not BENCH, reason="figures: set VBALLOON_MIGRATE_BENCH=1 (slow; MIGRATION.md)")
+async def test_figures_qemu_builtin_free_page_hint(lab, vbgen, tmp_path, qemu_report):
+    """(a) QEMU's own migration, built-in virtio-balloon-pci with free-page-hint=on."""
+    d = short_dir()
+    devs = ["-object", "iothread,id=io0",
+            "-device", "virtio-balloon-pci,id=bal0,iothread=io0,free-page-hint=on"]
+    src = Guest(lab, devs, mem_mib=FIG_MIB, qmp=True, workdir=tmp_path / "src")
+    dst = Guest(lab, [*devs, "-incoming", "defer"], mem_mib=FIG_MIB, qmp=True, workdir=tmp_path / "dst")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "dst").mkdir()
+    try:
+        await src.start()
+        await dst.start(wait_ready=False)
+        await start_workload(src, vbgen, fill_mib=FIG_FILL_MIB, hot_rate=FIG_HOT_RATE)
+        uri = f"unix:{d / 'q.sock'}"
+        await dst.qmp.execute("migrate-incoming", {"uri": uri})
+        await src.qmp.execute("migrate-set-parameters", {"max-bandwidth": FIG_BANDWIDTH})
+        t0 = time.monotonic()
+        await src.qmp.execute("migrate", {"uri": uri})
+        while True:
+            info = await src.qmp.execute("query-migrate")
+            if info["status"] in ("completed", "failed", "cancelled"):
+                break
+            assert time.monotonic() - t0 < 600, info
+            await asyncio.sleep(0.05)
+        assert info["status"] == "completed", info
+        out = await guest_check(dst)
+        assert re.search(r"errors 0$", out), out
+        _record(qemu_report, {"config": "qemu free-page-hint", "mib": info["ram"]["transferred"] / MiB,
+                              "seconds": info["total-time"] / 1000, "downtime_ms": info["downtime"],
+                              "guest": out, "dirty-syncs": info["ram"].get("dirty-sync-count")})
+    finally:
+        await src.close()
+        await dst.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.skipif(not BENCH, reason="figures: set VBALLOON_MIGRATE_BENCH=1 (slow; MIGRATION.md)")
+@pytest.mark.parametrize("map_kind", ["none", "hint", "bitmap"])
+async def test_figures_vballoon_migrate(map_kind, lab, vbgen, tmp_path, qemu_report):
+    """(b) no map, (c) a hint-round map, (d) a bitmap-round map (needs the guest driver)."""
+    p = Pair(lab, tmp_path, mem_mib=FIG_MIB)
+    try:
+        await p.start(vbgen, dirty_mib=FIG_FILL_MIB, hot_rate=FIG_HOT_RATE)
+        summary, _ = await run_engine(p, map=map_kind, max_bandwidth=FIG_BANDWIDTH)
+        if map_kind == "bitmap" and summary.map_kind != "bitmap":
+            qemu_report.line("figures: no bitmap round (the guest driver for the bitmap queue is "
+                             "not loaded in this guest)")
+            pytest.skip("no bitmap-round driver in the guest")
+        out = await guest_check(p.dst)
+        assert re.search(r"errors 0$", out), out
+        _record(qemu_report, {
+            "config": f"vballoon {map_kind}",
+            "mib": (summary.stream_bytes + summary.qemu_bytes) / MiB,
+            "seconds": summary.total_seconds, "downtime_ms": summary.downtime_ms,
+            "qemu_downtime_ms": summary.qemu_downtime_ms, "guest": out,
+            "passes": [(s.name, s.data_pages, s.zero_skipped, s.map_skipped) for s in summary.passes]})
     finally:
         await p.close()

@@ -155,3 +155,15 @@ async def test_channel_recv_reports_eof_and_peer_error():
         await ch.recv_control("hello")
     with pytest.raises(S.StreamError, match="closed the migration stream"):
         await ch.recv()
+
+
+async def test_channel_idle_peer_times_out():
+    r = asyncio.StreamReader()
+    r.feed_data(S.encode_control({"type": "x"})[:5])  # half a header, then silence
+
+    class W:
+        def close(self): pass
+        async def wait_closed(self): pass
+    ch = S.Channel(r, W(), idle_timeout=0.2)  # type: ignore[arg-type]
+    with pytest.raises(S.StreamError, match="sent nothing for"):
+        await ch.recv()

@@ -98,12 +98,17 @@ class FrameDecoder:
                 ZERO: ZERO_BODY.size}.get(type_, -1)
 
     def feed(self, data: bytes) -> Iterator[Frame]:
-        self._buf += data
-        while True:
-            frame = self._next()
-            if frame is None:
-                return
+        self.push(data)
+        while (frame := self.pop()) is not None:
             yield frame
+
+    def push(self, data: bytes) -> None:
+        self._buf += data
+
+    def pop(self) -> Frame | None:
+        """The next complete frame, or None.  One at a time: a frame is checked against the
+        bounds in force when it is taken (the hello sets them)."""
+        return self._next()
 
     def need(self) -> int:
         """How many more bytes complete the frame under way (at least 1)."""
@@ -196,10 +201,10 @@ class Channel:
     """A stream with frames: asyncio reader/writer around a FrameDecoder."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                 page_size: int = 4096) -> None:
+                 page_size: int = 4096, idle_timeout: float = 120.0) -> None:
         self.reader, self.writer = reader, writer
+        self.idle_timeout = idle_timeout
         self.decoder = FrameDecoder(page_size=page_size)
-        self._frames: list[Frame] = []
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -213,13 +218,19 @@ class Channel:
         await self.send(encode_control(msg))
 
     async def recv(self) -> Frame:
-        while not self._frames:
-            data = await self.reader.read(max(self.decoder.need(), 1 << 16))
+        while (frame := self.decoder.pop()) is None:
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    data = await self.reader.read(max(self.decoder.need(), 1 << 16))
+            except TimeoutError:
+                raise StreamError(f"the peer sent nothing for {self.idle_timeout:.0f} s") from None
+            except ConnectionError as e:
+                raise StreamError(f"the migration stream broke: {e}") from None
             if not data:
                 raise StreamError("the peer closed the migration stream")
             self.bytes_received += len(data)
-            self._frames.extend(self.decoder.feed(data))
-        return self._frames.pop(0)
+            self.decoder.push(data)
+        return frame
 
     async def recv_control(self, *expected: str) -> dict[str, Any]:
         frame = await self.recv()

@@ -1,10 +1,11 @@
 /* vbgen: the migration test's guest workload.  No libc (static, -nostdlib), so the test can
  * copy it into the busybox guest over the serial console.
  *
- *   vbgen MIB STOPFILE [once]
+ *   vbgen MIB STOPFILE [once | RATE]
  *
  * With "once" it writes one generation and exits: a workload that filled memory with non-zero
  * data and went away (the free pages a map is for; freed zero pages would be skipped anyway).
+ * With RATE (MiB/s) it writes at most that fast (a sleep after each MiB).
  * Maps MIB MiB and rewrites it forever, one page after the other, generation after generation:
  * every 8-byte word w of page i in generation g holds pattern(g, i, w).  Every 256 pages it
  * looks for STOPFILE; once it exists it checks every page and prints
@@ -43,12 +44,19 @@ static void run(long argc, char **argv) {
     /* mmap(NULL, len, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS|MAP_POPULATE, -1, 0) */
     u64 *m = (u64 *)sys(9, 0, pages << 12, 3, 0x22 | 0x8000, -1, 0);
     if ((long)m < 0) { out("vbgen: mmap failed\n"); sys(60, 1, 0, 0, 0, 0, 0); }
-    u64 g = 1, i = 0;
+    u64 g = 1, i = 0, rate = 0;
+    int once = argc > 3 && argv[3][0] == 'o';
+    if (argc > 3 && !once) rate = atou(argv[3]);
+    struct { long s, ns; } nap = { 0, rate ? 1000000000l / (long)rate : 0 };
+    if (nap.ns >= 1000000000l) { nap.s = nap.ns / 1000000000l; nap.ns %= 1000000000l; }
     for (;;) {
         u64 *p = m + (i << 9);
         for (u64 w = 0; w < 512; w++) p[w] = pattern(g, i, w);
-        if (++i == pages) { i = 0; g++; if (argc > 3) sys(60, 0, 0, 0, 0, 0, 0); }
-        if ((i & 255) == 0 && sys(21, (long)argv[2], 0, 0, 0, 0, 0) == 0) break;  /* access() */
+        if (++i == pages) { i = 0; g++; if (once) sys(60, 0, 0, 0, 0, 0, 0); }
+        if ((i & 255) == 0) {
+            if (sys(21, (long)argv[2], 0, 0, 0, 0, 0) == 0) break;  /* access() */
+            if (rate) sys(35, (long)&nap, 0, 0, 0, 0, 0);            /* nanosleep() */
+        }
     }
     /* pages [0, i) hold generation g, pages [i, pages) generation g - 1 */
     u64 errors = 0;
