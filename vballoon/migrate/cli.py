@@ -24,7 +24,10 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
                    help="source: the free-page round to use (default auto)")
     m.add_argument("--device-id", help="source: the balloon's QEMU device id (default: the only one)")
     m.add_argument("--max-passes", type=int, default=8)
-    m.add_argument("--converge-pages", type=int, default=2048)
+    m.add_argument("--converge-pages", type=int, default=2048,
+                   help="source: end the dirty passes below this many written pages")
+    m.add_argument("--final-pages", type=int, default=256,
+                   help="source: converge before the stop until fewer pages than this are written")
     m.add_argument("--max-bandwidth", default="0", help="source: stream bytes/s cap (e.g. 128M); 0: none")
     m.add_argument("--no-skip-zero", action="store_true", help="source: send zero pages too")
     m.add_argument("--qemu-uri", help="destination: QEMU's migrate-incoming URI")
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             summary = asyncio.run(migrate_source(SourceOptions(
                 qmp=args.qmp, dest=args.to, control=args.control, map=args.map,
                 device_id=args.device_id, vhost_socket=args.vhost_socket, max_passes=args.max_passes,
-                converge_pages=args.converge_pages, max_bandwidth=parse_size(args.max_bandwidth),
+                converge_pages=args.converge_pages, final_pages=args.final_pages, max_bandwidth=parse_size(args.max_bandwidth),
                 skip_zero=not args.no_skip_zero, progress=progress)))
             if args.json:
                 print(json.dumps(summary.to_json(), indent=1))

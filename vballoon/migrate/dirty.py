@@ -55,12 +55,16 @@ def writable_mappings(ram_path: str | os.PathLike[str], *, pids: list[int] | Non
     st = os.stat(ram_path)
     dev_ino = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x} {st.st_ino}"
     found = []
+    key = f" {dev_ino}".encode()
     for pid in pids if pids is not None else [int(p) for p in os.listdir("/proc") if p.isdigit()]:
         try:
-            text = Path(f"/proc/{pid}/maps").read_text()
+            with open(f"/proc/{pid}/maps", "rb") as f:
+                data = f.read()
         except OSError:
             continue
-        for line in text.splitlines():
+        if key not in data:  # the common case: the process does not map the file at all
+            continue
+        for line in data.decode(errors="replace").splitlines():
             f = line.split(maxsplit=5)
             if len(f) < 5 or f"{f[3]} {f[4]}" != dev_ino:
                 continue

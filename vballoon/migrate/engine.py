@@ -149,16 +149,17 @@ class Sender:
         self.sent = np.zeros(npages, dtype=bool)
         self.max_bandwidth = max_bandwidth
         self.skip_zero = skip_zero
-        self._t0 = time.monotonic()
-        self._paced_bytes = 0
+        self.paced = True  # off for the final pass: vCPUs are stopped (QEMU lifts its limit too)
+        self._next = 0.0  # when the bytes sent so far may have left at max_bandwidth
 
     async def _pace(self, nbytes: int) -> None:
-        if self.max_bandwidth <= 0:
+        """Hold the stream to max_bandwidth (no credit for idle time: no bursts above it)."""
+        if self.max_bandwidth <= 0 or not self.paced:
             return
-        self._paced_bytes += nbytes
-        ahead = self._paced_bytes / self.max_bandwidth - (time.monotonic() - self._t0)
-        if ahead > 0.002:
-            await asyncio.sleep(ahead)
+        now = time.monotonic()
+        self._next = max(self._next, now) + nbytes / self.max_bandwidth
+        if self._next - now > 0.002:
+            await asyncio.sleep(self._next - now)
 
     async def send(self, pages: np.ndarray, st: PassStats) -> None:
         before = self.chan.bytes_sent
@@ -211,6 +212,7 @@ class SourceOptions:
     round_timeout: float = 60.0
     max_passes: int = 8
     converge_pages: int = 2048            # stop the dirty passes below this many pages
+    final_pages: int = 256                # stop converging before the stop below this many
     max_bandwidth: float = 0              # bytes/s on the stream, 0: unlimited
     skip_zero: bool = True
     migrate_timeout: float = 120.0
@@ -356,7 +358,16 @@ async def migrate_source(opt: SourceOptions) -> Summary:
             if pid != qmp.pid:
                 tracker.release(pid)
         await qmp.execute("chardev-remove", {"id": spec.chardev})
-        await step("unplug", dirty, t0=t0)
+        st = await step("unplug", dirty, t0=t0)
+        # pages the daemon discarded (free page reporting, inflation) after they were sent read
+        # zero here without having been written: the destination must read zero too.  The
+        # daemon is disconnected now, and nothing else discards guest RAM.
+        punched = np.flatnonzero(sender.sent & ~data_mask(fd, npages))
+        for first, count in runs(punched, 1 << 30):
+            await chan.send(S.encode_zero(first, count))
+            st.zero_pages += count
+            st.bytes += S.HEADER.size + S.ZERO_BODY.size
+        sender.sent[punched] = False
         if opt.fail_at == "after-unplug":
             raise MigrationError("injected failure after unplug (test)")
 
@@ -366,24 +377,26 @@ async def migrate_source(opt: SourceOptions) -> Summary:
         await qmp.execute("migrate-set-capabilities", {"capabilities": [
             {"capability": "x-ignore-shared", "state": True},
             {"capability": "pause-before-switchover", "state": True}]})
-        # catch up on what the guest wrote during the unplug (cold pages go now, hot ones wait)
-        await step("pre-mig", tracker.collect())
+        # converge before the stop: now every written page goes (classic pre-copy), pass after
+        # pass while that shrinks, so the final pass holds only what is written in the moment
+        # between the last of these and pre-switchover
+        prev = None
+        for n in range(1, opt.max_passes + 1):
+            dirty = tracker.collect()
+            await step(f"pre-mig {n}", dirty, flush=True)
+            if len(dirty) <= opt.final_pages or (prev is not None and len(dirty) > 0.9 * prev):
+                break
+            prev = len(dirty)
         await qmp.execute("migrate", {"uri": uri})
         migrating = True
-        await qmp.wait_migration({"pre-switchover"}, timeout=opt.migrate_timeout)
+        await qmp.wait_migration({"pre-switchover"}, timeout=opt.migrate_timeout, poll=0.002)
         t_stop = time.monotonic()
         if opt.fail_at == "pre-switchover":
             raise MigrationError("injected failure at pre-switchover (test)")
 
-        # 7. the final pass, vCPUs stopped; also pages the daemon discarded (holes now) after
-        # they were sent: the destination must read zero there too
+        # 7. the final pass, vCPUs stopped
+        sender.paced = False
         st = await step("final", tracker.collect(), flush=True, t0=t_stop, report=False)
-        punched = np.flatnonzero(sender.sent & ~data_mask(fd, npages))
-        for first, count in runs(punched, 1 << 30):
-            await chan.send(S.encode_zero(first, count))
-            st.zero_pages += count
-            st.bytes += S.HEADER.size + S.ZERO_BODY.size
-        sender.sent[punched] = False
         await chan.send_control({"type": "final"})
         await chan.recv_control("synced")
         st.seconds = time.monotonic() - t_stop
@@ -391,7 +404,7 @@ async def migrate_source(opt: SourceOptions) -> Summary:
         say(st.line())
         await qmp.execute("migrate-continue", {"state": "pre-switchover"})
         continued = True
-        info = await qmp.wait_migration({"completed"}, timeout=opt.migrate_timeout)
+        info = await qmp.wait_migration({"completed"}, timeout=opt.migrate_timeout, poll=0.002)
         # nothing may write guest RAM on a stopped source; check, and send it if something did
         dirty = tracker.collect()
         st = PassStats("check", candidates=len(dirty))
@@ -599,7 +612,7 @@ async def _serve(qmp: QMP, chan: S.Channel, ram_path: str, ram_bytes: int, opt: 
             elif t == "final":
                 await chan.send_control({"type": "synced", "pages": pages})
             elif t == "complete":
-                await qmp.wait_migration({"completed"}, timeout=60)
+                await qmp.wait_migration({"completed"}, timeout=60, poll=0.002)
                 status = (await qmp.execute("query-status"))["status"]
                 if status != "running":
                     await qmp.execute("cont")
