@@ -10,6 +10,7 @@ migration and checks every page afterwards, on whichever side it ends up.
                                   while both sides are stopped; the guest's check on the
                                   destination; the balloon re-plugged and answering there
   test_migrate_cli_without_map    the `vballoon migrate` commands, no map
+  test_unfinished_round_is_not_used  a round that did not end: no map, RAM equal everywhere
   test_failure_at_pre_switchover  the source keeps running with its balloon back, the destination
                                   QEMU is gone, the guest's check passes on the source
   test_ram_layout_mismatch        a destination with other RAM: refused before anything changed
@@ -277,6 +278,29 @@ async def test_migrate_cli_without_map(lab, vbgen, tmp_path, qemu_report):
         assert await balloon_bound(p.dst)
         total = re.search(r"total: ([\d.]+) MiB", text)[1]
         qemu_report.line(f"migrate 512 MiB, CLI, no map: {total} MiB stream, {took:.1f} s; guest: {out}")
+    finally:
+        await p.close()
+
+
+async def test_unfinished_round_is_not_used(lab, vbgen, tmp_path):
+    """A round that does not end in time gives no map: every page is considered, and the
+    destination equals the source everywhere."""
+    p = Pair(lab, tmp_path)
+    try:
+        await p.start(vbgen, dirty_mib=100)
+        compared = {}
+
+        def on_synced(free: np.ndarray) -> None:
+            compared["free"] = int(free.sum())
+            compared["result"] = compare_outside_map(p.src_ram, p.dst_ram, free)
+
+        summary, _ = await run_engine(p, map="hint", round_timeout=0.001, on_synced=on_synced)
+        assert summary.map_kind is None and compared["free"] == 0
+        assert summary.passes[0].map_skipped == 0
+        differ, n = compared["result"]
+        assert differ == 0 and n == p.mem_mib * MiB // PAGE, f"{differ} pages differ"
+        out = await p.guest_check(p.dst)
+        assert re.search(r"errors 0$", out), out
     finally:
         await p.close()
 
