@@ -205,3 +205,16 @@ def test_writable_mappings_ignores_other_files(ram, writer, tmp_path):
 def test_injection_refuses_a_missing_process():
     with pytest.raises(TrackingError):
         U.inject_userfaultfd(2**22 + 12345)
+
+
+def test_without_ptrace_rights_the_tracker_refuses_clearly(ram, writer):
+    """As an unprivileged user the root-owned writer cannot be seen or tracked: a clear
+    refusal naming the privilege, never a tracker that silently misses it."""
+    code = ("import os, sys; from vballoon.migrate.dirty import DirtyTracker\n"
+            "os.setgid(65534); os.setuid(65534)\n"  # imports done as root, then nobody
+            "try:\n    DirtyTracker(sys.argv[1]).start()\n"
+            "except OSError as e:\n    print(e); sys.exit(3)\n")
+    os.chmod(ram, 0o644)
+    p = subprocess.run([sys.executable, "-c", code, ram], capture_output=True, text=True)
+    assert p.returncode == 3, p.stderr
+    assert "CAP_SYS_PTRACE" in p.stdout

@@ -50,8 +50,10 @@ def _same_file(path: str, st: os.stat_result) -> bool:
     return (s.st_dev, s.st_ino) == (st.st_dev, st.st_ino)
 
 
-def writable_mappings(ram_path: str | os.PathLike[str], *, pids: list[int] | None = None) -> list[Mapping]:
-    """Every writable shared mapping of the file, in every process (or in `pids`)."""
+def writable_mappings(ram_path: str | os.PathLike[str], *, pids: list[int] | None = None,
+                      denied: list[int] | None = None) -> list[Mapping]:
+    """Every writable shared mapping of the file, in every process (or in `pids`).
+    Processes whose maps this process may not read are appended to `denied`."""
     st = os.stat(ram_path)
     dev_ino = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x} {st.st_ino}"
     found = []
@@ -60,6 +62,10 @@ def writable_mappings(ram_path: str | os.PathLike[str], *, pids: list[int] | Non
         try:
             with open(f"/proc/{pid}/maps", "rb") as f:
                 data = f.read()
+        except PermissionError:
+            if denied is not None:
+                denied.append(pid)
+            continue
         except OSError:
             continue
         if key not in data:  # the common case: the process does not map the file at all
@@ -96,7 +102,14 @@ class DirtyTracker:
         return sorted(self._uffd)
 
     def start(self) -> None:
-        maps = writable_mappings(self.ram_path, pids=self._pids)
+        denied: list[int] = []
+        maps = writable_mappings(self.ram_path, pids=self._pids, denied=denied)
+        if denied and not maps and not _has_cap_sys_ptrace():
+            # the writers are there (QEMU maps the file) but invisible to us: say why
+            raise TrackingError(errno.EPERM, f"cannot read the memory maps of process(es) "
+                                f"{', '.join(map(str, denied[:5]))}{' ...' if len(denied) > 5 else ''}: "
+                                "write tracking needs CAP_SYS_PTRACE (or the same uid) to find "
+                                "and track every process that writes guest RAM")
         if not maps:
             raise TrackingError(errno.ENOENT, f"no process maps {self.ram_path} writable and shared")
         try:
@@ -195,14 +208,18 @@ class DirtyTracker:
         self.stop()
 
 
-def check_privileges() -> str | None:
-    """None when write tracking can work here; else why not."""
+def _has_cap_sys_ptrace() -> bool:
     try:
         with open("/proc/self/status") as f:
             caps = next(int(l.split()[1], 16) for l in f if l.startswith("CapEff:"))
     except (OSError, StopIteration, ValueError):
-        caps = 0
-    if not caps >> 19 & 1:  # CAP_SYS_PTRACE
+        return False
+    return bool(caps >> 19 & 1)
+
+
+def check_privileges() -> str | None:
+    """None when write tracking can work here; else why not."""
+    if not _has_cap_sys_ptrace():
         try:
             scope = int(Path("/proc/sys/kernel/yama/ptrace_scope").read_text())
         except OSError:
@@ -212,4 +229,3 @@ def check_privileges() -> str | None:
     return None
 
 
-_ = ctypes  # (ctypes buffers live in uffd.py)

@@ -240,7 +240,8 @@ async def migrate_source(opt: SourceOptions) -> Summary:
     chan: S.Channel | None = None
     spec: DeviceSpec | None = None
     fd = -1
-    unplugged = migrating = continued = False
+    unplugged = unplug_tried = migrating = continued = False
+    client = None
     target: int | None = None
     try:
         status = (await qmp.execute("query-status"))["status"]
@@ -269,7 +270,6 @@ async def migrate_source(opt: SourceOptions) -> Summary:
 
         # 2. the free-page round (its request comes after tracking started: contract rule 1)
         free = np.zeros(npages, dtype=bool)
-        client = None
         if opt.control:
             from vballoon.client import AsyncClient
             client = AsyncClient(opt.control)
@@ -351,6 +351,7 @@ async def migrate_source(opt: SourceOptions) -> Summary:
             await client.close()
             client = None
         t0 = time.monotonic()
+        unplug_tried = True
         await unplug(qmp, spec)
         unplugged = True
         dirty = tracker.collect()  # the device has stopped: the daemon writes no more
@@ -435,11 +436,22 @@ async def migrate_source(opt: SourceOptions) -> Summary:
         if continued:
             raise MigrationError(f"failed after migrate-continue (the guest runs on the destination "
                                  f"or stays stopped on the source: check both): {e}") from e
+        if client is not None:
+            await client.close()
+            client = None
+        if unplug_tried and not unplugged and spec is not None:
+            try:  # device_del went out but DEVICE_DELETED did not come (in time)
+                kids = await qmp.execute("qom-list", {"path": "/machine/peripheral"})
+                unplugged = spec.id not in {k.get("name") for k in kids}
+            except Exception:
+                pass
         await _roll_back(qmp, spec, chan, migrating, unplugged, target, opt, say, e)
         if isinstance(e, (MigrationError, asyncio.CancelledError, KeyboardInterrupt)):
             raise
         raise MigrationError(f"migration failed, source guest kept running: {e}") from e
     finally:
+        if client is not None:
+            await client.close()
         if tracker is not None:
             tracker.stop()
         if fd >= 0:
