@@ -18,7 +18,6 @@ Writes through write(2)/fallocate(2) on the file are not seen; nothing does that
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import errno
 import os
