@@ -429,6 +429,7 @@ async def test_figures_vballoon_migrate(map_kind, lab, vbgen, tmp_path, qemu_rep
             "mib": (summary.stream_bytes + summary.qemu_bytes) / MiB,
             "seconds": summary.total_seconds, "downtime_ms": summary.downtime_ms,
             "qemu_downtime_ms": summary.qemu_downtime_ms, "guest": out,
+            "downtime_parts": summary.downtime_parts,
             "passes": [(s.name, s.data_pages, s.zero_skipped, s.map_skipped) for s in summary.passes]})
     finally:
         await p.close()

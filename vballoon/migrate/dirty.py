@@ -139,11 +139,14 @@ class DirtyTracker:
                                    "unannounced (writes since the last scan unknown): "
                                    + ", ".join(f"pid {m.pid} {m.start:#x}-{m.end:#x}" for m in gone))
 
-    def collect(self) -> np.ndarray:
-        """Sorted unique file page numbers written since start() or the last collect()."""
+    def collect(self, *, rescan: bool = True) -> np.ndarray:
+        """Sorted unique file page numbers written since start() or the last collect().
+        rescan=False skips looking for new writers in /proc (a few ms): only for a scan right
+        after one that did, with every writer stopped."""
         if not self.started:
             raise TrackingError(errno.EINVAL, "tracker not started")
-        self._check_mappings()
+        if rescan:
+            self._check_mappings()
         ps = self.page_size
         parts = []
         for m in self.mappings:

@@ -75,6 +75,7 @@ class Summary:
     qemu_bytes: int = 0               # QEMU's own stream (device state)
     total_seconds: float = 0.0
     replug_seconds: float = 0.0
+    downtime_parts: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def data_pages(self) -> int:
@@ -93,7 +94,8 @@ class Summary:
             f"({self.ram_pages * PAGE_SIZE / 2**20:.0f} MiB); map: "
             + (f"{self.map_kind} round, {free} free pages skipped ({free * PAGE_SIZE / 2**20:.1f} MiB)"
                if self.map_kind else "none"))
-        lines.append(f"downtime {self.downtime_ms:.0f} ms (QEMU says {self.qemu_downtime_ms} ms); "
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in self.downtime_parts.items())
+        lines.append(f"downtime {self.downtime_ms:.0f} ms ({parts}; QEMU says {self.qemu_downtime_ms} ms); "
                      f"total {self.total_seconds:.2f} s; balloon re-plugged in {self.replug_seconds:.2f} s")
         return "\n".join(lines)
 
@@ -101,6 +103,7 @@ class Summary:
         return {"ram-pages": self.ram_pages, "map-kind": self.map_kind, "stream-bytes": self.stream_bytes,
                 "data-pages": self.data_pages, "downtime-ms": self.downtime_ms,
                 "qemu-downtime-ms": self.qemu_downtime_ms, "qemu-bytes": self.qemu_bytes,
+                "downtime-parts-ms": self.downtime_parts,
                 "total-seconds": self.total_seconds,
                 "passes": [dataclasses.asdict(p) for p in self.passes]}
 
@@ -403,14 +406,18 @@ async def migrate_source(opt: SourceOptions) -> Summary:
         st.seconds = time.monotonic() - t_stop
         summary.passes.append(st)
         say(st.line())
+        t1 = time.monotonic()
         await qmp.execute("migrate-continue", {"state": "pre-switchover"})
         continued = True
         info = await qmp.wait_migration({"completed"}, timeout=opt.migrate_timeout, poll=0.002)
+        t2 = time.monotonic()
         # nothing may write guest RAM on a stopped source; check, and send it if something did
-        dirty = tracker.collect()
+        # (the final pass looked for new writers in /proc, with the source already stopped)
+        dirty = tracker.collect(rescan=False)
         st = PassStats("check", candidates=len(dirty))
         await sender.send(dirty, st)
         summary.passes.append(st)
+        t3 = time.monotonic()
         if opt.on_synced is not None:
             await chan.send_control({"type": "final"})
             await chan.recv_control("synced")
@@ -419,9 +426,13 @@ async def migrate_source(opt: SourceOptions) -> Summary:
             if asyncio.iscoroutine(r):
                 await r
             t_stop += time.monotonic() - t_hook  # the test's own look is not downtime
+        t4 = time.monotonic()
         await chan.send_control({"type": "complete"})
         resumed = await chan.recv_control("resumed")
-        summary.downtime_ms = (time.monotonic() - t_stop) * 1000
+        t5 = time.monotonic()
+        summary.downtime_ms = (t5 - t_stop) * 1000
+        summary.downtime_parts = {"final-pass": (t1 - t_stop) * 1000, "qemu-switchover": (t2 - t1) * 1000,
+                                  "check": (t3 - t2) * 1000, "resume": (t5 - t4) * 1000}
         summary.qemu_downtime_ms = info.get("downtime")
         summary.qemu_bytes = int((info.get("ram") or {}).get("transferred", 0))
         if resumed.get("late-pages"):
