@@ -201,6 +201,41 @@ async def test_destination_writes_pages_and_zeroes_the_rest(dest):
         await asyncio.wait_for(task, 10)
 
 
+async def test_destination_refuses_pages_after_the_guest_resumed(tmp_path):
+    """Once the guest runs on the destination, page data would overwrite its live memory."""
+    ram = tmp_path / "ram"
+    ram.write_bytes(bytes(8 * PS))
+    q = FakeQemu(str(tmp_path / "q.sock"), str(ram), 8 * PS)
+
+    async def wait_migration(*a, **k):
+        return {"status": "completed"}
+    await q.start()
+    listen = str(tmp_path / "s.sock")
+    ready = asyncio.Event()
+    import vballoon.migrate.qemu as Q
+    orig = Q.QMP.wait_migration
+    Q.QMP.wait_migration = wait_migration  # the fake QEMU has no migration to complete
+    try:
+        task = asyncio.create_task(migrate_destination(DestOptions(
+            qmp=q.path, listen=listen, qemu_uri="unix:/x", ready=ready.set)))
+        await asyncio.wait_for(ready.wait(), 5)
+        r, w = await asyncio.open_unix_connection(listen)
+        ch = S.Channel(r, w)
+        await ch.send_control(S.hello(page_size=PS, ram_bytes=8 * PS, device=DEVICE))
+        await ch.recv_control("hello")
+        await ch.send_control({"type": "complete"})
+        await ch.recv_control("resumed")
+        await ch.send(S.encode_pages_header(0, 1, PS), b"\x01" * PS)
+        with pytest.raises(S.StreamError, match="after the guest resumed"):
+            await asyncio.wait_for(task, 10)
+        assert ram.read_bytes() == bytes(8 * PS)
+        assert "cont" in q.commands and "quit" not in q.commands  # the guest keeps running
+        await ch.close()
+    finally:
+        Q.QMP.wait_migration = orig
+        await q.close()
+
+
 async def test_destination_refuses_a_running_qemu(tmp_path):
     ram = tmp_path / "ram"
     ram.write_bytes(bytes(PS))

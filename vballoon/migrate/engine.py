@@ -435,8 +435,6 @@ async def migrate_source(opt: SourceOptions) -> Summary:
                                   "check": (t3 - t2) * 1000, "resume": (t5 - t4) * 1000}
         summary.qemu_downtime_ms = info.get("downtime")
         summary.qemu_bytes = int((info.get("ram") or {}).get("transferred", 0))
-        if resumed.get("late-pages"):
-            say(f"warning: {resumed['late-pages']} pages changed after the destination resumed")
         await chan.send_control({"type": "replug", "target": target})
         done = await chan.recv_control("done")
         summary.replug_seconds = float(done.get("replug-seconds", 0))
@@ -609,15 +607,13 @@ async def _serve(qmp: QMP, chan: S.Channel, ram_path: str, ram_bytes: int, opt: 
         chan.decoder.npages = ram_bytes // PAGE_SIZE
         await chan.send_control(S.hello(page_size=PAGE_SIZE, ram_bytes=ram_bytes))
         pages = zero = 0
-        late = 0
-        resumed_at = None
         while True:
             frame = await chan.recv()
+            if state["resumed"] and not isinstance(frame, S.Control):
+                raise S.StreamError("page data after the guest resumed on the destination")
             if isinstance(frame, S.Pages):
                 os.pwrite(fd, frame.data, frame.first * PAGE_SIZE)
                 pages += frame.count
-                if resumed_at is not None:
-                    late += frame.count
                 continue
             if isinstance(frame, S.Zero):
                 if _libc.fallocate(fd, 3, frame.first * PAGE_SIZE, frame.count * PAGE_SIZE) != 0:
@@ -639,7 +635,6 @@ async def _serve(qmp: QMP, chan: S.Channel, ram_path: str, ram_bytes: int, opt: 
                 status = (await qmp.execute("query-status"))["status"]
                 if status != "running":
                     await qmp.execute("cont")
-                resumed_at = time.monotonic()
                 state["resumed"] = True
                 say(f"guest resumed on the destination ({pages} pages, {zero} zeroed)")
                 await chan.send_control({"type": "resumed", "pages": pages})
@@ -653,7 +648,7 @@ async def _serve(qmp: QMP, chan: S.Channel, ram_path: str, ram_bytes: int, opt: 
                                               timeout=30)
                     say(f"balloon re-plugged in {time.monotonic() - t0:.2f} s")
                 await chan.send_control({"type": "done", "replug-seconds": time.monotonic() - t0})
-                return {"pages": pages, "zero-pages": zero, "late-pages": late,
+                return {"pages": pages, "zero-pages": zero, 
                         "bytes": chan.bytes_received}
             else:
                 raise S.StreamError(f"unexpected control message {t!r}")
