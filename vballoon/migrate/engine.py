@@ -297,22 +297,9 @@ async def migrate_source(opt: SourceOptions) -> Summary:
             elif r is not None:
                 say(f"round {r.id} ended {r.state} ({r.abort_reason or 'incomplete'}); no map")
 
-        # 3. pass 0: everything but the free pages (and the file's holes: zero, never sent)
-        st = PassStats("pass 0")
-        t0 = time.monotonic()
-        has_data = data_mask(fd, npages)
-        st.map_skipped = int((free & has_data).sum())
-        st.zero_skipped = int((~has_data).sum())
-        cand = np.flatnonzero(has_data & ~free)
-        st.candidates = npages
-        await sender.send(cand, st)
-        st.seconds = time.monotonic() - t0
-        summary.passes.append(st)
-        say(st.line())
-
-        # 4. dirty passes.  A page is sent once it has stopped changing: pages written since
-        # the last look stay pending (a hot page would only be sent again), pending pages that
-        # were not written since are sent now.  What is still pending goes in the final pass.
+        # 3. pass 0: everything but the free pages (and the file's holes: zero, never sent).
+        # Pages written while the round ran are still changing: they wait for the dirty passes,
+        # like every page written since the last look (step 4).
         pending = np.zeros(npages, dtype=bool)
 
         def mask(pages: np.ndarray) -> np.ndarray:
@@ -320,6 +307,23 @@ async def migrate_source(opt: SourceOptions) -> Summary:
             m[pages] = True
             return m
 
+        st = PassStats("pass 0")
+        t0 = time.monotonic()
+        pending[:] = mask(tracker.collect())
+        has_data = data_mask(fd, npages)
+        st.map_skipped = int((free & has_data).sum())
+        st.zero_skipped = int((~has_data).sum())
+        cand = np.flatnonzero(has_data & ~free & ~pending)
+        st.candidates = npages
+        await sender.send(cand, st)
+        st.deferred = int(pending.sum())
+        st.seconds = time.monotonic() - t0
+        summary.passes.append(st)
+        say(st.line())
+
+        # 4. dirty passes.  A page is sent once it has stopped changing: pages written since
+        # the last look stay pending (a hot page would only be sent again), pending pages that
+        # were not written since are sent now.  What is still pending goes in the final pass.
         async def step(name: str, dirty: np.ndarray, *, flush: bool = False,
                        t0: float | None = None, report: bool = True) -> PassStats:
             t0 = time.monotonic() if t0 is None else t0
