@@ -411,13 +411,16 @@ async def test_figures_qemu_builtin_free_page_hint(lab, vbgen, tmp_path, qemu_re
 
 
 @pytest.mark.skipif(not BENCH, reason="figures: set VBALLOON_MIGRATE_BENCH=1 (slow; MIGRATION.md)")
-@pytest.mark.parametrize("map_kind", ["none", "hint", "bitmap"])
+@pytest.mark.parametrize("map_kind", ["none", "hint", "bitmap", "hint+300ms"])
 async def test_figures_vballoon_migrate(map_kind, lab, vbgen, tmp_path, qemu_report):
-    """(b) no map, (c) a hint-round map, (d) a bitmap-round map (needs the guest driver)."""
+    """(b) no map, (c) a hint-round map, (d) a bitmap-round map (needs the guest driver);
+    (c) again with a 300 ms downtime limit (QEMU's default)."""
     p = Pair(lab, tmp_path, mem_mib=FIG_MIB)
+    limit = {"downtime_limit": 0.3} if map_kind.endswith("+300ms") else {}
     try:
         await p.start(vbgen, dirty_mib=FIG_FILL_MIB, hot_rate=FIG_HOT_RATE)
-        summary, _ = await run_engine(p, map=map_kind, max_bandwidth=FIG_BANDWIDTH)
+        summary, _ = await run_engine(p, map=map_kind.split("+")[0], max_bandwidth=FIG_BANDWIDTH,
+                                      **limit)
         if map_kind == "bitmap" and summary.map_kind != "bitmap":
             qemu_report.line("figures: no bitmap round (the guest driver for the bitmap queue is "
                              "not loaded in this guest)")

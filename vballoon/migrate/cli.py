@@ -28,6 +28,11 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
                    help="source: end the dirty passes below this many written pages")
     m.add_argument("--final-pages", type=int, default=256,
                    help="source: converge before the stop until fewer pages than this are written")
+    m.add_argument("--downtime-limit", type=float, metavar="MS",
+                   help="source: keep converging until the final pass should take at most MS "
+                   "(QEMU's trade of bytes for downtime); default: stop when passes stop shrinking")
+    m.add_argument("--converge-timeout", type=float, default=60.0, metavar="S",
+                   help="source: give up converging towards --downtime-limit after S seconds")
     m.add_argument("--max-bandwidth", default="0", help="source: stream bytes/s cap (e.g. 128M); 0: none")
     m.add_argument("--no-skip-zero", action="store_true", help="source: send zero pages too")
     m.add_argument("--qemu-uri", help="destination: QEMU's migrate-incoming URI")
@@ -56,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
             summary = asyncio.run(migrate_source(SourceOptions(
                 qmp=args.qmp, dest=args.to, control=args.control, map=args.map,
                 device_id=args.device_id, vhost_socket=args.vhost_socket, max_passes=args.max_passes,
-                converge_pages=args.converge_pages, final_pages=args.final_pages, max_bandwidth=parse_size(args.max_bandwidth),
+                converge_pages=args.converge_pages, final_pages=args.final_pages,
+                downtime_limit=None if args.downtime_limit is None else args.downtime_limit / 1000,
+                converge_timeout=args.converge_timeout, max_bandwidth=parse_size(args.max_bandwidth),
                 skip_zero=not args.no_skip_zero, progress=progress)))
             if args.json:
                 print(json.dumps(summary.to_json(), indent=1))

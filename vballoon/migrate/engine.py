@@ -24,6 +24,7 @@ import asyncio
 import ctypes
 import dataclasses
 import errno
+import itertools
 import logging
 import os
 import time
@@ -216,6 +217,9 @@ class SourceOptions:
     max_passes: int = 8
     converge_pages: int = 2048            # stop the dirty passes below this many pages
     final_pages: int = 256                # stop converging before the stop below this many
+    downtime_limit: float | None = None   # s: converge until the final pass should fit (QEMU's
+                                          # downtime-limit); None: stop when passes stop shrinking
+    converge_timeout: float = 60.0        # s: give up converging towards downtime_limit
     max_bandwidth: float = 0              # bytes/s on the stream, 0: unlimited
     skip_zero: bool = True
     migrate_timeout: float = 120.0
@@ -388,11 +392,23 @@ async def migrate_source(opt: SourceOptions) -> Summary:
         # converge before the stop: now every written page goes (classic pre-copy), pass after
         # pass while that shrinks, so the final pass holds only what is written in the moment
         # between the last of these and pre-switchover
+        # With a downtime limit, keep going (QEMU's trade: bytes for downtime) until the pages
+        # written since the last pass could be sent within it, or converge_timeout runs out.
         prev = None
-        for n in range(1, opt.max_passes + 1):
+        t_conv = time.monotonic()
+        for n in itertools.count(1):
             dirty = tracker.collect()
-            await step(f"pre-mig {n}", dirty, flush=True)
-            if len(dirty) <= opt.final_pages or (prev is not None and len(dirty) > 0.9 * prev):
+            st = await step(f"pre-mig {n}", dirty, flush=True)
+            if len(dirty) <= opt.final_pages:
+                break
+            if opt.downtime_limit is not None:
+                rate = opt.max_bandwidth or (st.bytes / st.seconds if st.seconds > 0.01 else 0)
+                if len(dirty) * PAGE_SIZE <= opt.downtime_limit * rate:
+                    break
+                if time.monotonic() - t_conv > opt.converge_timeout:
+                    say(f"no pass fits the downtime limit after {opt.converge_timeout:.0f} s; stopping anyway")
+                    break
+            elif n >= opt.max_passes or (prev is not None and len(dirty) > 0.9 * prev):
                 break
             prev = len(dirty)
         await qmp.execute("migrate", {"uri": uri})
