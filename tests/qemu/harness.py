@@ -324,7 +324,9 @@ class Guest:
     """One QEMU process with the test guest; use `async with Guest(...) as g`.
 
     args: extra QEMU arguments (devices, chardevs, ...), appended last.
-    mem_mib: guest RAM, always a shared memfd (vhost-user needs it) of that size.
+    mem_mib: guest RAM, a shared memfd (vhost-user needs it) of that size.
+    mem_path: a file instead (memory-backend-file,share=on): what x-ignore-shared
+    migration needs (tests/qemu/test_migrate.py).
     qmp: connect a QMP monitor (over a socketpair) as `self.qmp`.
     append: extra kernel command line.  no_reboot: pass -no-reboot (a guest
     reboot or panic then ends QEMU).  workdir: where serial.log and
@@ -344,8 +346,10 @@ class Guest:
         workdir: str | os.PathLike[str] | None = None,
         boot_timeout: float = 120.0,
         timeout: float = 60.0,
+        mem_path: str | os.PathLike[str] | None = None,
     ):
         self.lab = lab
+        self.mem_path = mem_path
         self.args = list(args)
         self.mem_mib = mem_mib
         self.want_qmp = qmp
@@ -382,7 +386,9 @@ class Guest:
             str(lab.qemu),
             "-M", "q35", "-accel", "tcg", "-m", f"{mem}M", "-smp", "1",
             "-nodefaults", "-display", "none",
-            "-object", f"memory-backend-memfd,id=mem,size={mem}M,share=on",
+            "-object", f"memory-backend-memfd,id=mem,size={mem}M,share=on"
+            if self.mem_path is None else
+            f"memory-backend-file,id=mem,size={mem}M,share=on,mem-path={self.mem_path}",
             "-machine", "memory-backend=mem",
             "-serial", "stdio",
             "-kernel", str(lab.kernel), "-initrd", str(lab.initrd), "-append", cmdline,

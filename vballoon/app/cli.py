@@ -1,5 +1,6 @@
 """The command line: ``vballoon serve`` (the daemon), ``vballoon ctl`` (its control socket),
-``vballoon demo`` (the whole path with a simulated guest, no QEMU needed).
+``vballoon migrate`` (a live migration that skips free pages), ``vballoon demo`` (the whole
+path with a simulated guest, no QEMU needed).
 
 ``vhost-user-balloon`` is ``vballoon serve`` under the name and conventions of QEMU's
 "Backend program conventions" (``docs/interop/vhost-user.rst``), for management tools that
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vballoon", description=DESCRIPTION,
                                 formatter_class=_Formatter, parents=[common])
     p.add_argument("--version", action="version", version=f"vballoon {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{serve,ctl,demo}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{serve,ctl,migrate,demo}")
 
     s = sub.add_parser("serve", parents=[common], formatter_class=_Formatter,
                        help="run the vhost-user balloon back-end",
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from vballoon.app.ctl import add_parser as add_ctl_parser
     add_ctl_parser(sub, parents=[common])
+    from vballoon.migrate.cli import add_parser as add_migrate_parser
+    add_migrate_parser(sub, parents=[common])
 
     d = sub.add_parser("demo", parents=[common], formatter_class=_Formatter,
                        help="the daemon, a simulated guest and one free-page round over the "
@@ -206,6 +209,9 @@ def run(args: argparse.Namespace) -> int:
         return _serve(args)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "migrate":
+        from vballoon.migrate.cli import run as run_migrate
+        return run_migrate(args)
     from vballoon.app.ctl import run as run_ctl
     return run_ctl(args)
 
