@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import Guest, GuestError, Qmp, set_pdeathsig
+from harness import Guest, GuestError, set_pdeathsig
 
 from vballoon.migrate.engine import (DestOptions, MigrationError, SourceOptions,
                                      migrate_destination, migrate_source)

@@ -3,8 +3,6 @@ clear StreamError, never a crash, an allocation it chose, or a write outside RAM
 from __future__ import annotations
 
 import asyncio
-import json
-import struct
 
 import pytest
 from hypothesis import given, settings, strategies as st

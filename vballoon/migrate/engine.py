@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import stream as S
-from .dirty import DirtyTracker, TrackingError
+from .dirty import DirtyTracker
 from .qemu import QEMUError, QMP, QMPError, DeviceSpec, plug, unplug
 
 log = logging.getLogger(__name__)
@@ -448,7 +448,7 @@ async def migrate_source(opt: SourceOptions) -> Summary:
             t_stop += time.monotonic() - t_hook  # the test's own look is not downtime
         t4 = time.monotonic()
         await chan.send_control({"type": "complete"})
-        resumed = await chan.recv_control("resumed")
+        await chan.recv_control("resumed")
         t5 = time.monotonic()
         summary.downtime_ms = (t5 - t_stop) * 1000
         summary.downtime_parts = {"final-pass": (t1 - t_stop) * 1000, "qemu-switchover": (t2 - t1) * 1000,
