@@ -325,6 +325,7 @@ class Guest:
 
     args: extra QEMU arguments (devices, chardevs, ...), appended last.
     mem_mib: guest RAM, always a shared memfd (vhost-user needs it) of that size.
+    smp: vCPUs.
     qmp: connect a QMP monitor (over a socketpair) as `self.qmp`.
     append: extra kernel command line.  no_reboot: pass -no-reboot (a guest
     reboot or panic then ends QEMU).  workdir: where serial.log and
@@ -338,6 +339,7 @@ class Guest:
         args: Sequence[str] = (),
         *,
         mem_mib: int = 512,
+        smp: int = 1,
         qmp: bool = False,
         append: str = "",
         no_reboot: bool = False,
@@ -348,6 +350,7 @@ class Guest:
         self.lab = lab
         self.args = list(args)
         self.mem_mib = mem_mib
+        self.smp = smp
         self.want_qmp = qmp
         self.append = append
         self.no_reboot = no_reboot
@@ -380,7 +383,7 @@ class Guest:
         cmdline = f"console=ttyS0 panic=-1 loglevel=4 {self.append}".strip()
         argv = [
             str(lab.qemu),
-            "-M", "q35", "-accel", "tcg", "-m", f"{mem}M", "-smp", "1",
+            "-M", "q35", "-accel", "tcg", "-m", f"{mem}M", "-smp", str(self.smp),
             "-nodefaults", "-display", "none",
             "-object", f"memory-backend-memfd,id=mem,size={mem}M,share=on",
             "-machine", "memory-backend=mem",

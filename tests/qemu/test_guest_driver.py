@@ -1,0 +1,332 @@
+"""The guest half (issue 11): guest/linux's virtio_balloon_bitmap.ko in a real Linux 6.12 guest
+answers vballoon's free-page-bitmap rounds from its buddy allocator.
+
+The guest boots with `lab.driver=bitmap` (guest-init.sh then loads virtio_balloon_bitmap.ko,
+the kernel's own virtio_balloon with the bitmap queue patched in, instead of the stock module);
+the daemon runs in the test's event loop. The oracle is the kernel's own view: the pages whose
+/proc/kpageflags buddy bit is set (read in the guest by tests/qemu/vbprobe.c).
+
+  TestBitmapDriver   one 512 MiB guest, free page reporting off (a report in flight takes
+                     pages off the free lists): binding, the map equals the buddy set, pages a
+                     process holds never reported, multi-chunk rounds, the host timing a round
+                     out, a superseding request, unbind/rebind mid-round, reboot mid-round
+  TestFigures        bitmap round vs the same guest's free page hint round (the stock driver's
+                     code, unchanged in this module): idle, after a workload, fragmented
+  TestTwoCpusPoisoned  2 vCPUs and page_poison=1: concurrent work, the poison contract
+  test_poisoned_guest_refuses_the_bitmap_without_page_poison
+  test_daemon_going_away_mid_round
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+from harness import eventually, wait_until
+from test_vballoon import ALL_FEATURES, NO_REPORTING, Setup, daemon_and_guest
+
+from vballoon.fpmap import Round, RoundState, Verdict
+
+pytestmark = pytest.mark.qemu
+
+MODULE = "virtio_balloon_bitmap"
+PARAMS = f"/sys/module/{MODULE}/parameters"
+DRIVER_DIR = Path(__file__).resolve().parents[2] / "guest" / "linux"
+DRIVER_FILES = ("Kbuild", "Makefile", "vb_bitmap.c", "vb_bitmap.h", "virtio_balloon.patch")
+MEM_MIB = 512
+RAM_PAGES = MEM_MIB << 8
+PAGE = 4096
+BITMAP, INDIRECT_DESC, PAGE_POISON_BIT, REPORTING_BIT = 16, 28, 4, 5
+BOOT = "lab.driver=bitmap"
+NO_POISON = [f for f in NO_REPORTING if f != "page-poison"]
+
+
+def driver_src_sha256() -> str:
+    h = hashlib.sha256()
+    for name in DRIVER_FILES:
+        h.update((DRIVER_DIR / name).read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def driver_lab(lab):
+    """The lab, with a virtio_balloon_bitmap.ko built from this checkout's guest/linux."""
+    if os.environ.get("VBALLOON_GUEST_INITRD"):
+        pytest.skip("VBALLOON_GUEST_INITRD: a user-provided initrd has no guest driver")
+    env = dict(line.split("=", 1) for line in (lab.dir / "lab.env").read_text().splitlines()
+               if "=" in line)
+    if env.get("DRIVER_SRC_SHA256") != driver_src_sha256():
+        pytest.fail(f"{lab.dir}'s virtio_balloon_bitmap.ko was not built from this guest/linux: "
+                    "re-run tests/qemu/setup.sh as root")
+    return lab
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+async def params(g) -> dict[str, str]:
+    out = await g.check(f"cd {PARAMS} && grep . *")
+    return dict(line.split(":", 1) for line in out.splitlines())
+
+
+async def set_params(g, **values) -> None:
+    await g.check("; ".join(f"echo {v} > {PARAMS}/{k}" for k, v in values.items()))
+
+
+def ranges_of(text: str) -> list[tuple[int, int]]:
+    """vbprobe's "start count" lines (other lines ignored)."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit():
+            out.append((int(parts[0]), int(parts[1])))
+    return out
+
+
+def bits_of(ranges, npages: int = RAM_PAGES) -> np.ndarray:
+    b = np.zeros(npages, dtype=bool)
+    for start, n in ranges:
+        assert 0 <= start and start + n <= npages, (start, n)
+        b[start:start + n] = True
+    return b
+
+
+def round_bits(r: Round) -> np.ndarray:
+    return bits_of([(int(a), int(n)) for a, n in r.map.ranges()], r.map.max_pfn)
+
+
+async def buddy_bits(g) -> np.ndarray:
+    return bits_of(ranges_of(await g.check("vbprobe buddy", timeout=120)))
+
+
+async def guest_end_pfn(g) -> int:
+    """The end of the guest's highest zone: what the driver covers (QEMU's q35 keeps the top
+    128 KiB of low RAM as firmware memory, so it is below the device's max_pfn)."""
+    end = spanned = 0
+    for line in (await g.check("grep -E '^ +(start_pfn|spanned)' /proc/zoneinfo")).splitlines():
+        key, value = line.split()[0].rstrip(":"), int(line.split()[-1])
+        if key == "spanned":
+            spanned = value
+        elif key == "start_pfn" and spanned:
+            end = max(end, value + spanned)
+    return end
+
+
+def covered_bits(r: Round) -> np.ndarray:
+    words = np.ascontiguousarray(r.map.covered)
+    return np.unpackbits(words.view(np.uint8), bitorder="little")[:r.map.max_pfn].astype(bool)
+
+
+def covers(r: Round, end_pfn: int) -> bool:
+    """The round covered exactly the guest's pfns [0, end_pfn)."""
+    cov = covered_bits(r)
+    return bool(cov[:end_pfn].all()) and not cov[end_pfn:].any()
+
+
+async def bitmap_round(s: Setup, *, timeout: float = 30.0) -> Round:
+    r = s.device.start_round("bitmap")
+    await s.watch.until(lambda: not r.active, timeout=timeout,
+                        what=lambda: f"bitmap round {r.id} to end (it is {r.state.value}, "
+                        f"{r.chunks} chunks)")
+    return r
+
+
+async def hint_round(s: Setup, *, timeout: float = 60.0):
+    r = s.device.start_hint_round()
+    await s.watch.until(lambda: not r.active, timeout=timeout,
+                        what=lambda: f"hint round {r.id:#x} to end (it is {r.state})")
+    return r
+
+
+async def hold(g, mib: int, how: str = "hold") -> np.ndarray:
+    """Start `vbprobe hold|frag MIB` in the background; return the pfns it holds."""
+    f, mark = f"/tmp/{how}-{mib}", {"hold": "held", "frag": "frag"}[how]
+    await g.check(f"vbprobe {how} {mib} >{f} 2>&1 & "
+                  f"i=0; until grep -q '^{mark} ' {f}; do i=$((i+1)); [ $i -lt 600 ] || exit 9; "
+                  f"sleep 0.1; done")
+    out = await g.check(f"cat {f}")
+    held = ranges_of(out)
+    count = int(out.split(f"{mark} ")[1].split()[0])
+    assert sum(n for _, n in held) == count > 0
+    return bits_of(held)
+
+
+async def release(g) -> None:
+    """End every vbprobe holder (the busybox init never reaps them: wait for the zombie)."""
+    await g.check("for p in $(pidof vbprobe); do kill $p; while [ -e /proc/$p ] && "
+                  "! grep -q zombie /proc/$p/status; do sleep 0.05; done; done")
+
+
+async def equal_to_buddy_set(s: Setup, attempts: int = 6) -> Round:
+    """A round whose free set equals the guest's buddy set, read right before and after it
+    (equal, so the guest was quiet); asserts that the round differs from the kernel's view
+    by no page."""
+    g = s.guest
+    for _ in range(attempts):
+        before = await buddy_bits(g)
+        r = await bitmap_round(s)
+        after = await buddy_bits(g)
+        if (before == after).all():
+            break
+    else:
+        pytest.fail(f"the guest's buddy set changed across every one of {attempts} rounds")
+    assert r.complete and covers(r, await guest_end_pfn(g)), (r.state, r.map.coverage())
+    got = round_bits(r)
+    extra, missing = np.flatnonzero(got & ~before), np.flatnonzero(before & ~got)
+    assert extra.size == 0 and missing.size == 0, (
+        f"round {r.id}: {extra.size} pages reported free that are not buddy pages "
+        f"(first {extra[:8].tolist()}), {missing.size} buddy pages not reported "
+        f"(first {missing[:8].tolist()}); buddy set {before.sum()} pages")
+    return r
+
+
+async def bitmap_device(g) -> str:
+    out = await g.check(f"ls /sys/bus/virtio/drivers/{MODULE}/ | grep virtio")
+    [name] = out.split()
+    return name
+
+
+# --------------------------------------------------------------------------- one guest
+
+
+@pytest_asyncio.fixture(scope="class", loop_scope="class")
+async def bm_guest(driver_lab, tmp_path_factory, qemu_report):
+    async with daemon_and_guest(driver_lab, tmp_path_factory.mktemp("bitmap"), qemu_report,
+                                "vballoon, bitmap driver", features=NO_REPORTING,
+                                stats_interval=0, mem_mib=MEM_MIB, append=BOOT) as s:
+        yield s
+
+
+@pytest.mark.asyncio(loop_scope="class")
+class TestBitmapDriver:
+    @pytest.fixture
+    def s(self, bm_guest):
+        return bm_guest
+
+    async def test_binds_and_acks_the_bitmap_queue(self, s: Setup):
+        g = s.guest
+        assert g.insmod_rc == 0
+        [bal] = [d for d in await g.virtio_devices() if d.device == 5]
+        assert bal.driver == MODULE and bal.status == 0xF
+        assert {BITMAP, INDIRECT_DESC} <= bal.features
+        assert s.device.roles == {0: "inflate", 1: "deflate", 2: "stats", 3: "hint",
+                                  4: "bitmap"}
+        assert "taints kernel" in await g.check("dmesg")  # unsigned, out of tree: said so
+        s.check_no_daemon_errors()
+
+    async def test_round_equals_the_kernels_buddy_set(self, s: Setup, qemu_report):
+        r = await equal_to_buddy_set(s)
+        p = await params(s.guest)
+        assert int(p["last_round_id"]) == r.id and r.chunks == int(p["last_round_chunks"]) == 1
+        assert int(p["last_round_free_pages"]) == r.map.free_pages()
+        qemu_report.line(f"bitmap driver, idle 512 MiB guest: round {r.id} = buddy set, "
+                         f"{r.map.free_pages()} pages, exactly")
+        s.check_no_daemon_errors()
+
+    async def test_pages_a_process_holds_are_never_reported(self, s: Setup):
+        g = s.guest
+        try:
+            held = await hold(g, 64)
+            fragged = await hold(g, 32, "frag")  # held pages with free neighbours
+            for _ in range(3):
+                got = round_bits(await bitmap_round(s))
+                assert not (got & held).any(), np.flatnonzero(got & held)[:8]
+                assert not (got & fragged).any(), np.flatnonzero(got & fragged)[:8]
+            assert got.sum() > RAM_PAGES // 4  # and it still reports plenty
+        finally:
+            await release(g)
+
+    async def test_multi_chunk_round(self, s: Setup):
+        await set_params(s.guest, window_pfns=16384)  # 64 MiB windows: 8 chunks
+        try:
+            r = await equal_to_buddy_set(s)
+            assert r.chunks == 8
+            assert int((await params(s.guest))["last_round_chunks"]) == 8
+        finally:
+            await set_params(s.guest, window_pfns=8388608)
+        s.check_no_daemon_errors()
+
+    async def test_round_the_host_times_out(self, s: Setup):
+        """The driver pauses 6.5 s before its second chunk; the daemon gives up after 5 s
+        idle and drops the late chunk (which it still uses: the driver gets it back)."""
+        g = s.guest
+        before = int((await params(g))["rounds_done"])
+        await set_params(g, window_pfns=65536, chunk_delay_ms=6500)
+        try:
+            r = await bitmap_round(s, timeout=20)
+            assert r.state is RoundState.ABORTED and r.abort_reason == "timeout"
+            assert r.chunks == 1 and covers(r, 65536)
+            await wait_until(lambda: r.dropped[Verdict.ROUND_CLOSED] == 1, timeout=10,
+                             what="the late DONE chunk to be dropped")
+            await eventually(lambda: _param_is(g, "rounds_done", before + 1), timeout=10,
+                             what="the driver to finish the round")
+        finally:
+            await set_params(g, window_pfns=8388608, chunk_delay_ms=0)
+        r2 = await bitmap_round(s)  # both chunk buffers are back: the next round works
+        assert r2.complete and covers(r2, await guest_end_pfn(g))
+
+    async def test_a_new_request_supersedes_the_round(self, s: Setup):
+        g = s.guest
+        before = int((await params(g))["rounds_superseded"])
+        await set_params(g, window_pfns=65536, chunk_delay_ms=2000)
+        try:
+            r1 = s.device.start_round("bitmap")
+            await wait_until(lambda: r1.chunks == 1, timeout=30, what="round 1's first chunk")
+            r2 = await bitmap_round(s, timeout=30)
+            assert r1.state is RoundState.ABORTED and r1.abort_reason == "superseded"
+            assert not r1.dropped  # the driver sent nothing more for the old id
+            assert r2.complete and r2.chunks == 2 and covers(r2, await guest_end_pfn(g))
+            assert int((await params(g))["rounds_superseded"]) == before + 1
+        finally:
+            await set_params(g, window_pfns=8388608, chunk_delay_ms=0)
+
+    async def test_unbind_mid_round_and_rebind(self, s: Setup, qemu_report):
+        g = s.guest
+        dev = await bitmap_device(g)
+        await set_params(g, window_pfns=65536, chunk_delay_ms=20000)
+        r = s.device.start_round("bitmap")
+        await wait_until(lambda: r.chunks == 1, timeout=30, what="the first chunk")
+        t0 = time.monotonic()
+        await g.check(f"echo {dev} > /sys/bus/virtio/drivers/{MODULE}/unbind")
+        unbind_s = time.monotonic() - t0
+        assert unbind_s < 10  # the remove path does not sit out the 20 s pause
+        qemu_report.timing("bitmap driver: unbind mid-round", unbind_s)
+        # QEMU tells the back-end only that the queues stopped (no reset message): the
+        # daemon's round ends by its idle timeout, with the first chunk's half covered.
+        await wait_until(lambda: not r.active, timeout=10, what="the round to end")
+        assert r.state is RoundState.ABORTED and r.chunks == 1 and covers(r, 65536)
+        await set_params(g, chunk_delay_ms=0, window_pfns=8388608)
+        await g.check(f"echo {dev} > /sys/bus/virtio/drivers/{MODULE}/bind")
+        await s.watch.until(lambda: "bitmap" in s.device.roles.values(),
+                            what="the driver to come back")
+        await eventually(lambda: _driver_ready(s), timeout=20, what="a posted request buffer")
+        await equal_to_buddy_set(s)
+        assert "BUG" not in await g.check("dmesg")
+        s.check_no_daemon_errors()
+
+    async def test_reboot_mid_round(self, s: Setup):
+        g = s.guest
+        await set_params(g, window_pfns=65536, chunk_delay_ms=20000)
+        r = s.device.start_round("bitmap")
+        await wait_until(lambda: r.chunks == 1, timeout=30, what="the first chunk")
+        await g.reboot()
+        assert r.state is RoundState.ABORTED and r.chunks == 1
+        assert g.insmod_rc == 0
+        await eventually(lambda: _driver_ready(s), timeout=20, what="a posted request buffer")
+        r2 = await bitmap_round(s)
+        assert r2.complete and covers(r2, await guest_end_pfn(g))
+        assert int((await params(g))["chunk_delay_ms"]) == 0  # a fresh module
+
+
+async def _param_is(g, name: str, value: int) -> bool:
+    return int((await params(g))[name]) == value
+
+
+async def _driver_ready(s: Setup) -> bool:
+    return s.device._bitmap_req is not None  # the driver's request buffer is posted
