@@ -330,3 +330,99 @@ async def _param_is(g, name: str, value: int) -> bool:
 
 async def _driver_ready(s: Setup) -> bool:
     return s.device._bitmap_req is not None  # the driver's request buffer is posted
+
+
+# --------------------------------------------------------------------------- figures
+
+
+@pytest_asyncio.fixture(scope="class", loop_scope="class")
+async def fig_guest(driver_lab, tmp_path_factory, qemu_report):
+    async with daemon_and_guest(driver_lab, tmp_path_factory.mktemp("figures"), qemu_report,
+                                "vballoon, bitmap driver", features=NO_REPORTING,
+                                stats_interval=0, mem_mib=MEM_MIB, append=BOOT) as s:
+        yield s
+
+
+def _ms(r) -> float:
+    return (r.finished_at - r.requested_at) * 1000
+
+
+@pytest.mark.asyncio(loop_scope="class")
+class TestFigures:
+    """Bitmap round vs free page hint round on the same guest and boot. The hint side is the
+    stock driver's code (this module is the kernel's virtio_balloon with the bitmap queue
+    added; its hinting is untouched). Shares are of the guest's RAM; times are the daemon's,
+    request -> DONE (hint: -> the driver's STOP)."""
+
+    @pytest.fixture
+    def s(self, fig_guest):
+        return fig_guest
+
+    async def _compare(self, s: Setup, label: str, report) -> None:
+        g = s.guest
+        await set_params(g, max_lock_hold_ns=0)
+        memfree = (await g.meminfo())["MemFree"] * 1024 // PAGE
+        b = await bitmap_round(s)
+        p = await params(g)
+        free0 = await g.free_kib()
+        h = await hint_round(s)
+        await eventually(lambda: _free_at_least(g, free0 - 8 * 1024), timeout=60,
+                         what="the hint driver to give its pages back")
+        assert b.complete and h.state == "done"
+        assert b.map.free_pages() == int(p["last_round_free_pages"])
+        # The bitmap is the buddy allocator's free set: MemFree (NR_FREE_PAGES) to ~1 %.
+        assert abs(b.map.free_pages() - memfree) < RAM_PAGES // 100, (b.map.free_pages(), memfree)
+        hold_us = int(p["last_round_max_hold_ns"]) / 1000
+        report.line(
+            f"{label:<34} bitmap {100 * b.map.free_pages() / RAM_PAGES:5.1f}% of RAM in "
+            f"{_ms(b):7.1f} ms (driver {int(p['last_round_ns']) / 1e6:.1f} ms, longest lock hold "
+            f"{hold_us:.0f} us over {p['last_round_lock_holds']} holds) | hint "
+            f"{100 * h.map.free_pages() / RAM_PAGES:5.1f}% in {_ms(h):7.1f} ms | "
+            f"MemFree {100 * memfree / RAM_PAGES:5.1f}%")
+
+    async def test_idle(self, s: Setup, qemu_report):
+        await self._compare(s, "512 MiB guest, idle", qemu_report)
+
+    async def test_after_a_workload_touched_80_percent(self, s: Setup, qemu_report):
+        g = s.guest
+        avail = (await g.meminfo())["MemAvailable"] // 1024
+        mib = min(MEM_MIB * 8 // 10, avail - 32)
+        await g.check(f"vbprobe touch {mib}", timeout=120)
+        await self._compare(s, f"after a {mib} MiB workload exited", qemu_report)
+        await set_params(g, scan_pcp=1)
+        try:
+            b = await bitmap_round(s)
+        finally:
+            await set_params(g, scan_pcp=0)
+        qemu_report.line(f"{'  ... with the per-CPU lists too':<34} bitmap "
+                         f"{100 * b.map.free_pages() / RAM_PAGES:5.1f}% in {_ms(b):7.1f} ms")
+
+    async def test_fragmented(self, s: Setup, qemu_report):
+        g = s.guest
+        try:
+            held = await hold(g, 256, "frag")  # every other page of 256 MiB held
+            await self._compare(s, "fragmented (128 MiB in 4 KiB holes)", qemu_report)
+            got = round_bits(await bitmap_round(s))
+            assert not (got & held).any()
+            bounded = await params(g)
+            await set_params(g, blocks_per_lock=1 << 30, max_lock_hold_ns=0)
+            try:
+                await bitmap_round(s)
+                unbounded = await params(g)
+            finally:
+                await set_params(g, blocks_per_lock=2048)
+        finally:
+            await release(g)
+        # The bound is what drops the lock: many more holds, and nothing given up (quiet guest).
+        assert int(bounded["last_round_lock_holds"]) > int(unbounded["last_round_lock_holds"]) + 8
+        assert bounded["last_round_cut_lists"] == "0"
+        assert unbounded["last_round_free_pages"] == bounded["last_round_free_pages"]
+        qemu_report.line(
+            f"fragmented: longest zone->lock hold {int(bounded['last_round_max_hold_ns']) / 1000:.0f}"
+            f" us with blocks_per_lock=2048 ({bounded['last_round_lock_holds']} holds), "
+            f"{int(unbounded['last_round_max_hold_ns']) / 1000:.0f} us unbounded "
+            f"({unbounded['last_round_lock_holds']} holds)")
+
+
+async def _free_at_least(g, kib: int) -> bool:
+    return await g.free_kib() >= kib
