@@ -19,7 +19,6 @@ the daemon runs in the test's event loop. The oracle is the kernel's own view: t
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import time
@@ -29,7 +28,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from harness import eventually, wait_until
-from test_vballoon import ALL_FEATURES, NO_REPORTING, Setup, daemon_and_guest
+from test_vballoon import NO_REPORTING, Setup, daemon_and_guest
 
 from vballoon.fpmap import Round, RoundState, Verdict
 
@@ -330,6 +329,103 @@ async def _param_is(g, name: str, value: int) -> bool:
 
 async def _driver_ready(s: Setup) -> bool:
     return s.device._bitmap_req is not None  # the driver's request buffer is posted
+
+
+# --------------------------------------------------------------------------- 2 vCPUs, poison
+
+
+@pytest_asyncio.fixture(scope="class", loop_scope="class")
+async def poisoned(driver_lab, tmp_path_factory, qemu_report):
+    async with daemon_and_guest(driver_lab, tmp_path_factory.mktemp("poison"), qemu_report,
+                                "vballoon, bitmap driver, 2 vCPUs, page_poison=1",
+                                features=NO_REPORTING, stats_interval=0, mem_mib=MEM_MIB,
+                                smp=2, append=f"{BOOT} page_poison=1") as s:
+        yield s
+
+
+@pytest.mark.asyncio(loop_scope="class")
+class TestTwoCpusPoisoned:
+    """page_poison=1: every free page holds 0xaa. A consumer that skips a free page must
+    write poison_val in its place, so the driver uses the bitmap queue only with PAGE_POISON
+    negotiated and poison_val written (the stock driver's rule for free page reporting)."""
+
+    @pytest.fixture
+    def s(self, poisoned):
+        return poisoned
+
+    async def test_acks_page_poison_and_the_bitmap(self, s: Setup):
+        [bal] = [d for d in await s.guest.virtio_devices() if d.device == 5]
+        assert bal.driver == MODULE and {BITMAP, PAGE_POISON_BIT} <= bal.features
+        assert s.device.poison_val == 0xAAAAAAAA
+        assert (await s.guest.check("grep -c processor /proc/cpuinfo")).strip() == "2"
+
+    async def test_reported_free_pages_hold_the_poison(self, s: Setup):
+        r = await bitmap_round(s)
+        assert r.complete
+        free = np.flatnonzero(round_bits(r))
+        assert free.size > RAM_PAGES // 2
+        sample = free[np.linspace(0, free.size - 1, 256).astype(int)]
+        with open(s.guest.memfd_path(), "rb") as f:
+            poisoned = sum(os.pread(f.fileno(), PAGE, int(pfn) * PAGE) == b"\xaa" * PAGE
+                           for pfn in sample)
+        assert poisoned >= 250, f"{poisoned} of 256 reported-free pages hold poison_val"
+
+    async def test_rounds_while_the_other_cpu_allocates(self, s: Setup, qemu_report):
+        """A workload churns memory on one vCPU while rounds scan on either: no round reports
+        a page a process holds, and the lock holds stay bounded."""
+        g = s.guest
+        try:
+            held = await hold(g, 48)
+            await g.check("(while :; do vbprobe touch 24; done) >/dev/null 2>&1 & echo $! >/tmp/churn")
+            await set_params(g, scan_pcp=1, max_lock_hold_ns=0)
+            for _ in range(8):
+                r = await bitmap_round(s)
+                assert r.complete and not (round_bits(r) & held).any()
+            p = await params(g)
+        finally:
+            await g.run("kill $(cat /tmp/churn)")
+            await set_params(g, scan_pcp=0)
+            await release(g)
+        assert int(p["rounds_done"]) >= 8 and p["rounds_abandoned"] == "0"
+        qemu_report.line(f"2 vCPUs, churn on one: 8 rounds, none reported a held page; longest "
+                         f"lock hold {int(p['max_lock_hold_ns']) / 1000:.0f} us")
+        assert "BUG" not in await g.check("dmesg")
+
+
+async def test_poisoned_guest_refuses_the_bitmap_without_page_poison(driver_lab, tmp_path,
+                                                                      qemu_report):
+    async with daemon_and_guest(driver_lab, tmp_path, qemu_report,
+                                "vballoon, bitmap driver, page_poison=1", features=NO_POISON,
+                                stats_interval=0, mem_mib=MEM_MIB,
+                                append=f"{BOOT} page_poison=1") as s:
+        [bal] = [d for d in await s.guest.virtio_devices() if d.device == 5]
+        assert bal.driver == MODULE and bal.status == 0xF  # bound, the balloon works
+        assert BITMAP not in bal.features and REPORTING_BIT not in bal.features
+        assert "bitmap" not in s.device.roles.values()
+        assert "not using the bitmap queue" in await s.guest.check("dmesg")
+
+
+async def test_daemon_going_away_mid_round(driver_lab, tmp_path, qemu_report):
+    """The back-end dies mid-round: the driver keeps the chunks the device may still read
+    (never rewrites them), gives the round up after chunk_timeout_ms, and the guest carries on.
+    (Not unbinding afterwards: the remove path writes the config space, and QEMU 11.1.3 then
+    aborts in vhost_dev_set_config, `hdev->vhost_ops' failed, the stock driver's remove too.)"""
+    async with daemon_and_guest(driver_lab, tmp_path, qemu_report, "vballoon, bitmap driver",
+                                features=NO_REPORTING, stats_interval=0, mem_mib=MEM_MIB,
+                                append=f"{BOOT} lab.params=chunk_timeout_ms=2000") as s:
+        g = s.guest
+        await set_params(g, window_pfns=32768, chunk_delay_ms=1000)  # 4 chunks, 1 s apart
+        r = s.device.start_round("bitmap")
+        await wait_until(lambda: r.chunks == 1, timeout=30, what="the first chunk")
+        await s.daemon.close()
+        # chunks 2 and 3 fill both buffers, chunk 4 waits 2 s for one, then gives up
+        await eventually(lambda: _param_is(g, "rounds_abandoned", 1), timeout=30,
+                         what="the driver to give the round up")
+        await g.check("vbprobe touch 128")  # the guest's allocator is fine
+        out = await g.check("dmesg; echo alive")
+        assert out.endswith("alive\n") and "BUG" not in out and "WARNING" not in out
+        assert "given up after 1 chunks" not in out  # 3 were sent before it gave up
+        assert "given up after 3 chunks" in out
 
 
 # --------------------------------------------------------------------------- figures
