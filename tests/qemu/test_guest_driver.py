@@ -408,12 +408,17 @@ async def test_poisoned_guest_refuses_the_bitmap_without_page_poison(driver_lab,
 async def test_daemon_going_away_mid_round(driver_lab, tmp_path, qemu_report):
     """The back-end dies mid-round: the driver keeps the chunks the device may still read
     (never rewrites them), gives the round up after chunk_timeout_ms, and the guest carries on.
+    Without indirect descriptors (indirect=0), so the direct-descriptor path is used too.
     (Not unbinding afterwards: the remove path writes the config space, and QEMU 11.1.3 then
     aborts in vhost_dev_set_config, `hdev->vhost_ops' failed, the stock driver's remove too.)"""
     async with daemon_and_guest(driver_lab, tmp_path, qemu_report, "vballoon, bitmap driver",
                                 features=NO_REPORTING, stats_interval=0, mem_mib=MEM_MIB,
-                                append=f"{BOOT} lab.params=chunk_timeout_ms=2000") as s:
+                                append=f"{BOOT} lab.params=chunk_timeout_ms=2000,indirect=0") as s:
         g = s.guest
+        [bal] = [d for d in await g.virtio_devices() if d.device == 5]
+        assert BITMAP in bal.features and INDIRECT_DESC not in bal.features
+        r0 = await bitmap_round(s)  # a whole round on direct descriptors
+        assert r0.complete and covers(r0, await guest_end_pfn(g))
         await set_params(g, window_pfns=32768, chunk_delay_ms=1000)  # 4 chunks, 1 s apart
         r = s.device.start_round("bitmap")
         await wait_until(lambda: r.chunks == 1, timeout=30, what="the first chunk")
@@ -512,7 +517,9 @@ class TestFigures:
         # The bound is what drops the lock: many more holds, and nothing given up (quiet guest).
         assert int(bounded["last_round_lock_holds"]) > int(unbounded["last_round_lock_holds"]) + 8
         assert bounded["last_round_cut_lists"] == "0"
-        assert unbounded["last_round_free_pages"] == bounded["last_round_free_pages"]
+        # (two rounds, commands ran between them: the free sets agree to 1 % of RAM)
+        assert abs(int(unbounded["last_round_free_pages"]) - int(bounded["last_round_free_pages"])
+                   ) < RAM_PAGES // 100
         qemu_report.line(
             f"fragmented: longest zone->lock hold {int(bounded['last_round_max_hold_ns']) / 1000:.0f}"
             f" us with blocks_per_lock=2048 ({bounded['last_round_lock_holds']} holds), "
