@@ -12,7 +12,7 @@
  * interrupts off: a bit is set only for a page inside a block that is on a
  * free list while the lock is held, so no page is reported that was not free
  * at the moment of its scan.  The lock is dropped every blocks_per_lock list
- * entries; the walk then resumes at the next entry if that page is still a
+ * entries, or after max_hold_us (checked every 64 entries); the walk then resumes at the next entry if that page is still a
  * free block of the same zone (a PageBuddy page is always on one of its zone's
  * free lists), and otherwise starts the list again (at most twice), then gives
  * it up: under-reporting is allowed, long interrupt-off stalls are not.
@@ -97,6 +97,10 @@ static unsigned int blocks_per_lock = 2048;
 module_param(blocks_per_lock, uint, 0644);
 MODULE_PARM_DESC(blocks_per_lock, "Free-list entries visited per zone->lock hold (interrupts off)");
 
+static unsigned int max_hold_us = 500;
+module_param(max_hold_us, uint, 0644);
+MODULE_PARM_DESC(max_hold_us, "Also drop zone->lock after this long (checked every 64 entries; 0: no time bound)");
+
 static bool scan_pcp;
 module_param(scan_pcp, bool, 0644);
 MODULE_PARM_DESC(scan_pcp, "Also report pages on the per-CPU free lists (under pcp->lock)");
@@ -112,6 +116,11 @@ MODULE_PARM_DESC(chunk_delay_ms, "Testing: pause before each chunk after the fir
 static unsigned long max_lock_hold_ns;
 module_param(max_lock_hold_ns, ulong, 0644);
 MODULE_PARM_DESC(max_lock_hold_ns, "Longest zone->lock/pcp->lock hold with interrupts off, ns (write 0 to reset)");
+
+/* Lock holds by duration: < 64 us, < 256 us, < 1 ms, < 4 ms, longer (write 0,0,0,0,0 to reset). */
+static unsigned long hold_hist[5];
+module_param_array(hold_hist, ulong, NULL, 0644);
+MODULE_PARM_DESC(hold_hist, "Lock holds with interrupts off: <64us,<256us,<1ms,<4ms,longer");
 
 static unsigned long long last_round_id;
 module_param(last_round_id, ullong, 0444);
@@ -229,6 +238,9 @@ static void vb_mark(struct vb_chunk *c, unsigned long pfn, unsigned int order,
 /* Interrupts-off time, recorded once per hold. */
 static void vb_note_hold(u64 ns, struct vb_scan *st)
 {
+	unsigned int b = ns < 64000 ? 0 : ns < 256000 ? 1 : ns < 1000000 ? 2 : ns < 4000000 ? 3 : 4;
+
+	WRITE_ONCE(hold_hist[b], hold_hist[b] + 1);
 	st->holds++;
 	if (ns > st->max_hold_ns)
 		st->max_hold_ns = ns;
@@ -256,6 +268,7 @@ static void vb_scan_list(struct zone *zone, unsigned int order, unsigned int mt,
 {
 	struct list_head *head = &zone->free_area[order].free_list[mt];
 	unsigned int budget = max(READ_ONCE(blocks_per_lock), 1U);
+	u64 max_ns = (u64)READ_ONCE(max_hold_us) * NSEC_PER_USEC;
 	unsigned long cursor = 0, visited = 0, limit = 0;
 	unsigned int restarts = 0;
 	bool resume = false;
@@ -291,6 +304,8 @@ static void vb_scan_list(struct zone *zone, unsigned int order, unsigned int mt,
 			n++;
 			visited++;
 			pos = pos->next;
+			if (max_ns && !(n % 64) && local_clock() - t0 > max_ns)
+				break;
 		}
 		resume = pos && !vb_is_head(zone, pos);
 		if (resume)

@@ -146,6 +146,8 @@ async def hint_round(s: Setup, *, timeout: float = 60.0):
 async def hold(g, mib: int, how: str = "hold") -> np.ndarray:
     """Start `vbprobe hold|frag MIB` in the background; return the pfns it holds."""
     f, mark = f"/tmp/{how}-{mib}", {"hold": "held", "frag": "frag"}[how]
+    # vbprobe mlocks them: with this, compaction does not move them to other pfns
+    await g.check("echo 0 > /proc/sys/vm/compact_unevictable_allowed")
     await g.check(f"vbprobe {how} {mib} >{f} 2>&1 & "
                   f"i=0; until grep -q '^{mark} ' {f}; do i=$((i+1)); [ $i -lt 600 ] || exit 9; "
                   f"sleep 0.1; done")
@@ -505,13 +507,12 @@ class TestFigures:
             await self._compare(s, "fragmented (128 MiB in 4 KiB holes)", qemu_report)
             got = round_bits(await bitmap_round(s))
             assert not (got & held).any()
-            bounded = await params(g)
-            await set_params(g, blocks_per_lock=1 << 30, max_lock_hold_ns=0)
+            bounded, b_hist = await self._holds(s, 7)
+            await set_params(g, blocks_per_lock=1 << 30, max_hold_us=0)
             try:
-                await bitmap_round(s)
-                unbounded = await params(g)
+                unbounded, u_hist = await self._holds(s, 7)
             finally:
-                await set_params(g, blocks_per_lock=2048)
+                await set_params(g, blocks_per_lock=2048, max_hold_us=500)
         finally:
             await release(g)
         # The bound is what drops the lock: many more holds, and nothing given up (quiet guest).
@@ -520,11 +521,20 @@ class TestFigures:
         # (two rounds, commands ran between them: the free sets agree to 1 % of RAM)
         assert abs(int(unbounded["last_round_free_pages"]) - int(bounded["last_round_free_pages"])
                    ) < RAM_PAGES // 100
+        # Every unbounded round walks the 32k-entry order-0 list in one hold of > 1 ms. Bounded
+        # holds last up to ~500 us of guest time; longer ones are the host preempting the TCG
+        # vCPU thread mid-hold (2 shared cores), which no guest code can prevent: rare.
+        assert sum(u_hist[2:]) >= 7 and b_hist[4] < sum(u_hist[2:])
         qemu_report.line(
-            f"fragmented: longest zone->lock hold {int(bounded['last_round_max_hold_ns']) / 1000:.0f}"
-            f" us with blocks_per_lock=2048 ({bounded['last_round_lock_holds']} holds), "
-            f"{int(unbounded['last_round_max_hold_ns']) / 1000:.0f} us unbounded "
-            f"({unbounded['last_round_lock_holds']} holds)")
+            f"fragmented, zone->lock holds of 7 rounds by length (<64us, <256us, <1ms, <4ms, more): "
+            f"bounded (blocks_per_lock=2048, max_hold_us=500) {b_hist}; unbounded {u_hist}")
+
+    async def _holds(self, s: Setup, n: int) -> tuple[dict[str, str], list[int]]:
+        await set_params(s.guest, hold_hist="0,0,0,0,0")
+        for _ in range(n):
+            await bitmap_round(s)
+        p = await params(s.guest)
+        return p, [int(v) for v in p["hold_hist"].split(",")]
 
 
 async def _free_at_least(g, kib: int) -> bool:

@@ -7,11 +7,15 @@
  *                         "start count" lines, then "total N"
  *   vbprobe hold MIB      map MIB of anonymous memory, write every page, print the pfn
  *                         ranges backing it (/proc/self/pagemap), "held N", then wait
- *                         until killed (the pages stay in use meanwhile)
+ *                         until killed (the pages stay in use meanwhile).  The pages are
+ *                         4 KiB (no THP: khugepaged would copy them) and mlocked: with
+ *                         vm.compact_unevictable_allowed=0 compaction leaves them where
+ *                         they are, so the pfns printed stay theirs
  *   vbprobe frag MIB      like hold, then give back every other page: a fragmented
  *                         guest (order-0 free blocks between held pages); prints "frag N"
  *   vbprobe touch MIB     write MIB of anonymous memory, then exit (a workload that ends)
  */
+#define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -85,6 +89,8 @@ static char *map_and_touch(size_t bytes)
 
 	if (p == MAP_FAILED)
 		die("mmap");
+	if (madvise(p, bytes, MADV_NOHUGEPAGE))
+		die("madvise(MADV_NOHUGEPAGE)");
 	for (size_t off = 0; off < bytes; off += page)
 		p[off] = (char)(off / page | 1);
 	return p;
@@ -134,14 +140,17 @@ int main(int argc, char **argv)
 	if (!strcmp(argv[1], "hold")) {
 		char *p = map_and_touch(bytes);
 
+		if (mlock(p, bytes))
+			die("mlock");
 		printf("held %" PRIu64 "\n", print_pfns(p, bytes, 1));
 	} else if (!strcmp(argv[1], "frag")) {
 		char *p = map_and_touch(bytes);
 
-		/* THP would back this with 2 MiB pages; split them into 4 KiB ones first. */
 		for (size_t off = page; off < bytes; off += 2 * page)
 			if (madvise(p + off, page, MADV_DONTNEED))
 				die("madvise");
+		if (mlock2(p, bytes, MLOCK_ONFAULT))	/* the held half, without refaulting the rest */
+			die("mlock2");
 		printf("frag %" PRIu64 "\n", print_pfns(p, bytes, 2));
 	} else {
 		fprintf(stderr, "vbprobe: unknown command %s\n", argv[1]);
