@@ -6,7 +6,8 @@
         await g.qmp.execute("balloon", {"value": 256 << 20})
 
 The guest is a stock Debian kernel with a busybox initramfs whose /init
-(guest-init.sh) loads virtio_balloon and then runs one shell command per line
+(guest-init.sh) loads virtio_balloon (or, with append="lab.driver=bitmap",
+guest/linux's virtio_balloon_bitmap.ko) and then runs one shell command per line
 received on ttyS0, framing each command's output with markers. QEMU's serial
 port is its stdio, so the harness talks to the guest over QEMU's pipes.
 
