@@ -229,10 +229,8 @@ static void vb_mark(struct vb_chunk *c, unsigned long pfn, unsigned int order,
 {
 	unsigned long start = max(pfn, lo), end = min(pfn + (1UL << order), hi);
 
-	if (start < end) {
+	if (start < end)
 		vb_set_bits(c, start - lo, end - start);
-		st->free_pages += end - start;
-	}
 }
 
 /* Interrupts-off time, recorded once per hold. */
@@ -502,7 +500,7 @@ static void vb_round(struct vb_bitmap *bm, u64 id)
 	do {
 		unsigned long end, nbytes;
 		struct vb_chunk *c;
-		unsigned int nsg, b;
+		unsigned int nb, b;
 		int err;
 
 		if (chunks && READ_ONCE(chunk_delay_ms))	/* testing only */
@@ -526,10 +524,14 @@ static void vb_round(struct vb_bitmap *bm, u64 id)
 		end = min(pfn + window, max);
 		done = end >= max;
 		nbytes = DIV_ROUND_UP(end - pfn, 64) * 8;
-		for (b = 0; b * VB_BMAP_BYTES < nbytes; b++)
+		nb = DIV_ROUND_UP(nbytes, VB_BMAP_BYTES);	/* <= vb_usable_bmaps(): window */
+		for (b = 0; b < nb; b++)
 			memset(c->bmap[b], 0, min_t(unsigned long, VB_BMAP_BYTES,
 						    nbytes - b * VB_BMAP_BYTES));
 		vb_scan(c, pfn, end, &st);
+		for (b = 0; b < nb; b++)	/* pages reported, each once */
+			st.free_pages += bitmap_weight(c->bmap[b], min(VB_PFNS_PER_BMAP,
+								   end - pfn - b * VB_PFNS_PER_BMAP));
 
 		c->hdr->cmd = cpu_to_le16(VB_CMD_GET_FREE);
 		c->hdr->page_shift = cpu_to_le16(VB_PAGE_SHIFT);
@@ -539,14 +541,13 @@ static void vb_round(struct vb_bitmap *bm, u64 id)
 		c->hdr->start_pfn = cpu_to_le64(pfn);
 		c->hdr->nr_pfns = cpu_to_le64(end - pfn);
 
-		nsg = 1 + b;
-		sg_init_table(bm->sg, nsg);
+		sg_init_table(bm->sg, 1 + nb);
 		sg_set_buf(&bm->sg[0], c->hdr, sizeof(*c->hdr));
-		for (b = 0; b + 1 < nsg; b++)
+		for (b = 0; b < nb; b++)
 			sg_set_buf(&bm->sg[1 + b], c->bmap[b],
 				   min_t(unsigned long, VB_BMAP_BYTES, nbytes - b * VB_BMAP_BYTES));
 		for (;;) {
-			err = virtqueue_add_outbuf(bm->vq, bm->sg, nsg, c, GFP_KERNEL);
+			err = virtqueue_add_outbuf(bm->vq, bm->sg, 1 + nb, c, GFP_KERNEL);
 			if (err != -ENOSPC || !bm->busy || !vb_wait_chunk(bm))
 				break;
 		}

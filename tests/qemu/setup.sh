@@ -147,7 +147,7 @@ install_kbuild() {
     # with an unmet dependency.  dpkg does not know these files; nothing else needs them.
     local krel ver hdr common kbuild dl=/var/tmp/vballoon-kbuild-dl
     krel=$(cat "$GUEST/kernel-release")
-    [ -e "$ROOT/.vballoon-kbuild2-$krel-ok" ] && return
+    [ -e "$ROOT/.vballoon-kbuild-ok-$krel" ] && return
     ver=$(kernel_version)
     echo "setup.sh: installing gcc-14 make pahole patch libc6-dev, and headers for $krel ($ver)"
     # libdw1t64 (for pahole) from backports: the backports QEMU already pulled libelf1t64 from there.
@@ -162,7 +162,7 @@ install_kbuild() {
     for deb in "$ROOT$dl"/*.deb; do dpkg-deb -x "$deb" "$ROOT"; done
     rm -rf "$ROOT$dl"
     chroot "$ROOT" apt-get clean
-    touch "$ROOT/.vballoon-kbuild2-$krel-ok"
+    touch "$ROOT/.vballoon-kbuild-ok-$krel"
 }
 
 fetch_balloon_source() {

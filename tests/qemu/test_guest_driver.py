@@ -524,7 +524,7 @@ class TestFigures:
         # Every unbounded round walks the 32k-entry order-0 list in one hold of > 1 ms. Bounded
         # holds last up to ~500 us of guest time; longer ones are the host preempting the TCG
         # vCPU thread mid-hold (2 shared cores), which no guest code can prevent: rare.
-        assert sum(u_hist[2:]) >= 7 and b_hist[4] < sum(u_hist[2:])
+        assert sum(u_hist[2:]) >= 7 and sum(b_hist[:3]) >= 0.9 * sum(b_hist)
         qemu_report.line(
             f"fragmented, zone->lock holds of 7 rounds by length (<64us, <256us, <1ms, <4ms, more): "
             f"bounded (blocks_per_lock=2048, max_hold_us=500) {b_hist}; unbounded {u_hist}")
