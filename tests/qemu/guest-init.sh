@@ -1,6 +1,9 @@
 #!/bin/sh
 # /init of the vballoon test guest: busybox sh as PID 1 in a tiny initramfs
-# (setup.sh copies this file in). It loads virtio_balloon, then lets the host
+# (setup.sh copies this file in). It loads virtio_balloon (or, with
+# lab.driver=bitmap on the kernel command line, guest/linux's
+# virtio_balloon_bitmap, with the module parameters of lab.params=a=1,b=2:
+# busybox insmod does not read them from the command line), then lets the host
 # (harness.py) drive it over ttyS0 with a line protocol:
 #
 #   guest -> host, once per boot:  @@VB READY <boot_id> <kernel release> insmod=<rc>
@@ -16,7 +19,15 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 # Dirtying workloads write files here; tmpfs pages are ordinary guest RAM.
 mount -t tmpfs -o size=90% tmpfs /tmp
-insmod /lib/virtio_balloon.ko
+module=virtio_balloon params=
+for arg in $(cat /proc/cmdline); do
+    case $arg in
+        lab.driver=bitmap) module=virtio_balloon_bitmap ;;
+        lab.params=*) params=$(echo "${arg#lab.params=}" | tr , ' ') ;;
+    esac
+done
+# shellcheck disable=SC2086 # params: one word per module parameter
+insmod /lib/$module.ko $params
 ins=$?
 
 exec </dev/ttyS0 >/dev/ttyS0 2>&1

@@ -6,7 +6,8 @@
         await g.qmp.execute("balloon", {"value": 256 << 20})
 
 The guest is a stock Debian kernel with a busybox initramfs whose /init
-(guest-init.sh) loads virtio_balloon and then runs one shell command per line
+(guest-init.sh) loads virtio_balloon (or, with append="lab.driver=bitmap",
+guest/linux's virtio_balloon_bitmap.ko) and then runs one shell command per line
 received on ttyS0, framing each command's output with markers. QEMU's serial
 port is its stdio, so the harness talks to the guest over QEMU's pipes.
 
@@ -327,6 +328,7 @@ class Guest:
     mem_mib: guest RAM, a shared memfd (vhost-user needs it) of that size.
     mem_path: a file instead (memory-backend-file,share=on): what x-ignore-shared
     migration needs (tests/qemu/test_migrate.py).
+    smp: vCPUs.
     qmp: connect a QMP monitor (over a socketpair) as `self.qmp`.
     append: extra kernel command line.  no_reboot: pass -no-reboot (a guest
     reboot or panic then ends QEMU).  workdir: where serial.log and
@@ -340,6 +342,7 @@ class Guest:
         args: Sequence[str] = (),
         *,
         mem_mib: int = 512,
+        smp: int = 1,
         qmp: bool = False,
         append: str = "",
         no_reboot: bool = False,
@@ -352,6 +355,7 @@ class Guest:
         self.mem_path = mem_path
         self.args = list(args)
         self.mem_mib = mem_mib
+        self.smp = smp
         self.want_qmp = qmp
         self.append = append
         self.no_reboot = no_reboot
@@ -384,7 +388,7 @@ class Guest:
         cmdline = f"console=ttyS0 panic=-1 loglevel=4 {self.append}".strip()
         argv = [
             str(lab.qemu),
-            "-M", "q35", "-accel", "tcg", "-m", f"{mem}M", "-smp", "1",
+            "-M", "q35", "-accel", "tcg", "-m", f"{mem}M", "-smp", str(self.smp),
             "-nodefaults", "-display", "none",
             "-object", f"memory-backend-memfd,id=mem,size={mem}M,share=on"
             if self.mem_path is None else

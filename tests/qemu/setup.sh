@@ -18,8 +18,11 @@ set -euo pipefail
 LAB=${VBALLOON_LAB:-/var/cache/vballoon-lab}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 INIT_SRC=$HERE/guest-init.sh
+PROBE_SRC=$HERE/vbprobe.c                            # a static test helper for the guest
+DRIVER_SRC=$(cd "$HERE/../.." && pwd)/guest/linux   # the guest driver (virtio_balloon_bitmap.ko)
+DRIVER_FILES=(Kbuild Makefile vb_bitmap.c vb_bitmap.h virtio_balloon.patch)
 ROOT=$LAB/root-trixie        # debootstrap tree holding QEMU
-GUEST=$LAB/guest             # vmlinuz, virtio_balloon.ko, busybox, initrd.gz
+GUEST=$LAB/guest             # vmlinuz, virtio_balloon.ko, virtio_balloon_bitmap.ko, busybox, initrd.gz
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C
 
 [ "$(id -u)" = 0 ] || { echo "setup.sh: must run as root (debootstrap, chroot, mknod)" >&2; exit 1; }
@@ -121,26 +124,122 @@ fetch_guest() {
         *.xz) xz -dc "$ko" ;; *.zst) zstd -dqc "$ko" ;; *.gz) gzip -dc "$ko" ;; *) cat "$ko" ;;
     esac >"$GUEST/virtio_balloon.ko.tmp"
     basename "$(find "$x" -path '*/boot/vmlinuz-*' | head -n 1)" | sed 's/^vmlinuz-//' >"$GUEST/kernel-release"
+    chroot "$ROOT" apt-cache show --no-all-versions "$kpkg" | sed -n 's/^Version: //p' >"$GUEST/kernel-version"
     rm -rf "$x" "$ROOT$dl"
     for f in busybox virtio_balloon.ko vmlinuz; do mv "$GUEST/$f.tmp" "$GUEST/$f"; done
 }
 
-build_initrd() {
+driver_src_sum() {  # what the guest driver is built from (harness.py computes the same)
+    (cd "$DRIVER_SRC" && cat "${DRIVER_FILES[@]}") | sha256sum | cut -d' ' -f1
+}
+
+kernel_version() {  # the Debian version of the guest kernel package, e.g. 6.12.117-1
+    [ -s "$GUEST/kernel-version" ] || chroot "$ROOT" apt-cache show --no-all-versions \
+        "linux-image-$(cat "$GUEST/kernel-release")" | sed -n 's/^Version: //p' >"$GUEST/kernel-version"
+    cat "$GUEST/kernel-version"
+}
+
+install_kbuild() {
+    # The tool chain (trixie's gcc-14, as the kernel was built with) and the guest
+    # kernel's headers, in the tree.  The three header packages are unpacked, not
+    # installed: linux-headers depends on the kernel image package, which would drag
+    # in systemd, udev and initramfs-tools, and dpkg --force-depends would leave apt
+    # with an unmet dependency.  dpkg does not know these files; nothing else needs them.
+    local krel ver hdr common kbuild dl=/var/tmp/vballoon-kbuild-dl
+    krel=$(cat "$GUEST/kernel-release")
+    [ -e "$ROOT/.vballoon-kbuild-ok-$krel" ] && return
+    ver=$(kernel_version)
+    echo "setup.sh: installing gcc-14 make pahole patch libc6-dev, and headers for $krel ($ver)"
+    # libdw1t64 (for pahole) from backports: the backports QEMU already pulled libelf1t64 from there.
+    chroot "$ROOT" apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends \
+        gcc-14 make pahole patch libc6-dev libdw1t64/trixie-backports >/dev/null
+    hdr=linux-headers-$krel
+    common=$(chroot "$ROOT" apt-cache show "$hdr=$ver" | sed -n 's/^Depends:.*\(linux-headers-[^ ,]*-common\).*/\1/p')
+    kbuild=$(chroot "$ROOT" apt-cache show "$hdr=$ver" | sed -n 's/^Depends:.*\(linux-kbuild-[^ ,]*\).*/\1/p')
+    [ -n "$common" ] && [ -n "$kbuild" ] || { echo "setup.sh: cannot resolve $hdr's dependencies" >&2; exit 1; }
+    rm -rf "$ROOT$dl" && mkdir -p "$ROOT$dl" && chmod 777 "$ROOT$dl"
+    chroot "$ROOT" sh -c "cd $dl && apt-get download -qq $hdr=$ver $common=$ver $kbuild=$ver"
+    for deb in "$ROOT$dl"/*.deb; do dpkg-deb -x "$deb" "$ROOT"; done
+    rm -rf "$ROOT$dl"
+    chroot "$ROOT" apt-get clean
+    touch "$ROOT/.vballoon-kbuild-ok-$krel"
+}
+
+fetch_balloon_source() {
+    # drivers/virtio/virtio_balloon.c of the guest kernel's exact version, from
+    # Debian's linux-source-X.Y (a 153 MB download, once; only this file is kept).
+    local ver krel series dl=/var/tmp/vballoon-src-dl
+    ver=$(kernel_version)
+    [ -s "$GUEST/virtio_balloon.c" ] && [ "$(cat "$GUEST/virtio_balloon.c.version" 2>/dev/null)" = "$ver" ] && return
+    krel=$(cat "$GUEST/kernel-release")
+    series=$(echo "$krel" | cut -d. -f1,2)
+    echo "setup.sh: downloading linux-source-$series=$ver for virtio_balloon.c"
+    rm -rf "$ROOT$dl" && mkdir -p "$ROOT$dl" && chmod 777 "$ROOT$dl"
+    chroot "$ROOT" sh -c "cd $dl && apt-get download -qq linux-source-$series=$ver"
+    chroot "$ROOT" sh -c "cd $dl && dpkg-deb --fsys-tarfile linux-source-${series}_*.deb | tar -x -O ./usr/src/linux-source-$series.tar.xz >src.tar.xz && rm linux-source-${series}_*.deb"
+    tar -xJ -O -f "$ROOT$dl/src.tar.xz" --occurrence=1 "linux-source-$series/drivers/virtio/virtio_balloon.c" >"$GUEST/virtio_balloon.c.tmp"
+    rm -rf "$ROOT$dl"
+    [ -s "$GUEST/virtio_balloon.c.tmp" ] || { echo "setup.sh: no virtio_balloon.c in linux-source-$series" >&2; exit 1; }
+    mv "$GUEST/virtio_balloon.c.tmp" "$GUEST/virtio_balloon.c"
+    echo "$ver" >"$GUEST/virtio_balloon.c.version"
+}
+
+build_driver() {
+    # guest/linux -> virtio_balloon_bitmap.ko for the guest kernel, built in the tree.
+    local krel sum b=/var/tmp/vballoon-driver-build
+    krel=$(cat "$GUEST/kernel-release")
+    sum=$( { driver_src_sum; echo "$krel"; sha256sum <"$GUEST/virtio_balloon.c"; } | sha256sum | cut -d' ' -f1)
+    [ -e "$GUEST/virtio_balloon_bitmap.ko" ] && [ "$(cat "$GUEST/driver.build" 2>/dev/null)" = "$sum" ] && return
+    rm -rf "$ROOT$b" && mkdir -p "$ROOT$b"
+    (cd "$DRIVER_SRC" && cp "${DRIVER_FILES[@]}" "$ROOT$b/")
+    cp "$GUEST/virtio_balloon.c" "$ROOT$b/virtio_balloon.c.pristine"
+    chroot "$ROOT" make -C "$b" KDIR="/usr/src/linux-headers-$krel" \
+        BALLOON_SRC="$b/virtio_balloon.c.pristine" >"$LAB/driver-build.log" 2>&1 ||
+        { tail -n 30 "$LAB/driver-build.log" >&2; echo "setup.sh: guest driver build failed" >&2; exit 1; }
+    if grep -E 'warning:|error:' "$LAB/driver-build.log" >&2; then
+        echo "setup.sh: the guest driver builds with warnings (see $LAB/driver-build.log)" >&2; exit 1
+    fi
+    grep -aq "vermagic=$krel " "$ROOT$b/virtio_balloon_bitmap.ko" ||
+        { echo "setup.sh: virtio_balloon_bitmap.ko is not for $krel" >&2; exit 1; }
+    cp "$ROOT$b/virtio_balloon_bitmap.ko" "$GUEST/virtio_balloon_bitmap.ko.tmp"
+    rm -rf "$ROOT$b"
+    mv "$GUEST/virtio_balloon_bitmap.ko.tmp" "$GUEST/virtio_balloon_bitmap.ko"
+    echo "$sum" >"$GUEST/driver.build"
+    driver_src_sum >"$GUEST/driver-src.sha256"
+}
+
+build_probe() {
     local sum
+    sum=$(sha256sum "$PROBE_SRC" | cut -d' ' -f1)
+    [ -e "$GUEST/vbprobe" ] && [ "$(cat "$GUEST/vbprobe.sha256" 2>/dev/null)" = "$sum" ] && return
+    cp "$PROBE_SRC" "$ROOT/var/tmp/vbprobe.c"
+    chroot "$ROOT" gcc-14 -O2 -Wall -Wextra -Werror -static -o /var/tmp/vbprobe /var/tmp/vbprobe.c
+    mv "$ROOT/var/tmp/vbprobe" "$GUEST/vbprobe"
+    rm -f "$ROOT/var/tmp/vbprobe.c"
+    echo "$sum" >"$GUEST/vbprobe.sha256"
+}
+
+build_initrd() {
+    local sum stamp
     sum=$(sha256sum "$INIT_SRC" | cut -d' ' -f1)
-    [ -e "$GUEST/initrd.gz" ] && [ "$(cat "$GUEST/init.sha256" 2>/dev/null)" = "$sum" ] && return
+    stamp=$(cat "$INIT_SRC" "$GUEST/virtio_balloon.ko" "$GUEST/virtio_balloon_bitmap.ko" "$GUEST/vbprobe" |
+        sha256sum | cut -d' ' -f1)
+    [ -e "$GUEST/initrd.gz" ] && [ "$(cat "$GUEST/init.sha256" 2>/dev/null)" = "$sum" ] &&
+        [ "$(cat "$GUEST/initrd.stamp" 2>/dev/null)" = "$stamp" ] && return
     local d
     d=$(mktemp -d)
     mkdir -p "$d"/{bin,dev,lib,proc,sys,tmp}
     cp "$GUEST/busybox" "$d/bin/busybox"
     for a in $("$d/bin/busybox" --list); do [ -e "$d/bin/$a" ] || ln -s busybox "$d/bin/$a"; done
-    cp "$GUEST/virtio_balloon.ko" "$d/lib/"
+    cp "$GUEST/virtio_balloon.ko" "$GUEST/virtio_balloon_bitmap.ko" "$d/lib/"
+    cp "$GUEST/vbprobe" "$d/bin/vbprobe"
     install -m 755 "$INIT_SRC" "$d/init"
     mknod -m 600 "$d/dev/console" c 5 1   # the kernel opens it for /init before devtmpfs exists
     (cd "$d" && find . | cpio -o -H newc -R 0:0 --quiet) | gzip -9 >"$GUEST/initrd.gz.tmp"
     rm -rf "$d"
     mv "$GUEST/initrd.gz.tmp" "$GUEST/initrd.gz"
     echo "$sum" >"$GUEST/init.sha256"
+    echo "$stamp" >"$GUEST/initrd.stamp"
 }
 
 write_env() {
@@ -154,6 +253,8 @@ KERNEL=$GUEST/vmlinuz
 KERNEL_RELEASE=$(cat "$GUEST/kernel-release")
 INITRD=$GUEST/initrd.gz
 INIT_SHA256=$(cat "$GUEST/init.sha256")
+DRIVER_KO=$GUEST/virtio_balloon_bitmap.ko
+DRIVER_SRC_SHA256=$(cat "$GUEST/driver-src.sha256")
 EOF
     mv "$LAB/lab.env.tmp" "$LAB/lab.env"
 }
@@ -163,6 +264,10 @@ timed debootstrap make_tree
 timed qemu install_qemu
 timed wrapper write_wrapper
 timed guest-kernel fetch_guest
+timed kbuild install_kbuild
+timed balloon-src fetch_balloon_source
+timed driver build_driver
+timed vbprobe build_probe
 timed initramfs build_initrd
 timed lab.env write_env
 

@@ -193,6 +193,11 @@ class Balloon(Device):
         """The bitmap queue's round protocol (None until the memory table is known)."""
         return self.bitmap_queue.rounds
 
+    @property
+    def bitmap_requests_held(self) -> int:
+        """Request buffers the driver posted on the bitmap queue that the device still holds."""
+        return len(self.bitmap_queue.buffers)
+
     # -- life cycle -----------------------------------------------------------------------
 
     def memory_changed(self, mem: GuestMemory | None) -> None:
