@@ -269,7 +269,7 @@ async def test_source_without_qemu_is_a_clear_error(tmp_path):
     (["migrate", "--qmp", "q", "--to", "x", "--incoming", "y"], 2, "exactly one of --to"),
     (["migrate", "--qmp", "q", "--incoming", "y"], 2, "needs --qemu-uri"),
     (["migrate", "--qmp", "/nonexistent/q", "--to", "127.0.0.1:1"], 1, "cannot connect to QEMU"),
-    (["migrate", "--qmp", "q", "--to", "x", "--max-bandwidth", "fast"], 2, "is not a size"),
+    (["migrate", "--qmp", "q", "--to", "x", "--max-bandwidth", "fast"], 2, "bad-size"),
 ])
 def test_cli_errors(argv, code, msg, capsys):
     from vballoon.app.cli import main
