@@ -80,6 +80,12 @@ class GuestRam:
     def uva(self, gpa: int) -> int:
         return UVA_BASE + self._off(gpa, 0)
 
+    def reserve_driver_memory(self, start: int, size: int) -> None:
+        """Driver allocations come from ``[start, start + size)`` from now on (the rest of RAM
+        is the guest's to balloon)."""
+        self._next = max(self._next, start)
+        self.driver_limit = start + size
+
     def alloc(self, size: int, align: int = 16) -> int:
         gpa = -(-self._next // align) * align
         if gpa + size > self.driver_limit:

@@ -102,8 +102,7 @@ class BalloonGuest:
         # driver memory: ``driver_bytes`` at ``driver_at`` (default: the start of region 0);
         # balloon pages: every page above it
         start = region0.guest_phys_addr if driver_at is None else driver_at
-        ram._next = max(ram._next, start)
-        ram.driver_limit = start + driver_bytes
+        ram.reserve_driver_memory(start, driver_bytes)
         self.pool = PagePool(self._ram_ranges(start + driver_bytes))
         self.stats_values = {C.VIRTIO_BALLOON_S_MEMFREE: ram.size // 2,
                              C.VIRTIO_BALLOON_S_MEMTOT: ram.size}

@@ -215,7 +215,7 @@ class VirtQueue:
     def _walk(self, mem: GuestMemory, head: int) -> Chain:
         """The chain at ``head`` (§2.7.5 and §2.7.5.3), bounded and checked.
 
-        The walk is C (``vballoon._vring.vq_walk``); each of its error codes is a rule here.
+        The walk is C (``vballoon.virtio._vring.vq_walk``); each of its error codes is a rule here.
         """
         addr, length, host, info = self._out
         n = _lib.vq_walk(self._desc_p, self.num, head, self.indirect, *mem.c_table,
