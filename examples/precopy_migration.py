@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A custom pre-copy migration of a guest's RAM that skips the pages the guest reports free.
 
-This is the contract a migration engine follows to use vballoon's map (shared/DESIGN.md, "the
+This is the contract a migration engine follows to use vballoon's map (protocol/bitmap-queue.md §7, "the
 correctness contract"): every page the map reports free was free at *some* moment between the
 request and the response -- not necessarily now.  So:
 

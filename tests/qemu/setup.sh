@@ -1,7 +1,7 @@
 #!/bin/bash
 # Build (or verify) the real-QEMU lab for tests/qemu. Idempotent; run as root.
 #
-# Why this shape (see research/qemu-lab.md): the generic vhost-user device needs
+# Why this shape: the generic vhost-user device needs
 # QEMU >= 10.2, which Debian only has in trixie-backports (11.1.x), built against
 # trixie's glibc. So we debootstrap a minimal trixie tree, install QEMU in it,
 # and run QEMU through the tree's own ld.so (no chroot, no mounts). The guest is

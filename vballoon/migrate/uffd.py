@@ -1,7 +1,7 @@
 """Linux primitives for write tracking: userfaultfd write-protect (async mode),
 PAGEMAP_SCAN, and ptrace syscall injection.  ctypes only; x86-64 Linux >= 6.7.
 
-Why these (shared/research/migration.md): the machines have no soft-dirty, and soft-dirty's
+Why these (MIGRATION.md, "Write tracking"): the machines have no soft-dirty, and soft-dirty's
 read-then-clear is racy.  A userfaultfd registered with ``UFFD_FEATURE_WP_ASYNC`` lets the kernel
 resolve write faults on protected pages by itself (no handler thread, the writer never blocks) and
 leaves the page "written"; ``ioctl(PAGEMAP_SCAN)`` with ``PM_SCAN_WP_MATCHING`` then returns the

@@ -9,7 +9,7 @@ Three things, all pure Python + numpy, none touching a real guest:
   memory-hungry workload exited", the seed's headline case, lineage §1.5).
 * Two scanners with the seed's signature ``(start_pfn, end_pfn, bitmaps, bits, nr_bmap)`` and
   return codes (−1 bad arguments, 1 more to scan, 0 done): :meth:`BuddyModel.get_unused_pages`,
-  the *intended* semantics of shared/research/balloon-lineage.md §5.1, and
+  the *intended* semantics (protocol/bitmap-queue.md §9, the seed's boundary bug), and
   :meth:`BuddyModel.seed_get_unused_pages`, a line-by-line transliteration of the v3 C function
   ``mark_unused_pages_bitmap()`` (RESEND v3 5/7, Message-Id
   1477031080-12616-6-git-send-email-liang.z.li@intel.com) with its slow-path ``pos`` bug
