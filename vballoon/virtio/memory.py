@@ -78,6 +78,13 @@ def validate_table(specs: Sequence[RegionSpec]) -> None:
     for i, s in enumerate(specs):
         if s.memory_size == 0:
             raise FrontendError("mem-region-empty", f"region {i} has memory_size 0")
+        for name in ("guest_phys_addr", "memory_size", "userspace_addr", "mmap_offset"):
+            # A discard works on whole host pages of the file: a region that is not
+            # page-aligned would let one guest page's discard zero part of its neighbour.
+            if getattr(s, name) % PAGE_SIZE:
+                raise FrontendError("mem-region-unaligned",
+                                    f"region {i}: {name} {getattr(s, name):#x} is not a "
+                                    f"multiple of the host page size ({PAGE_SIZE:#x})")
         for name, start in (("guest_phys_addr", s.guest_phys_addr),
                             ("userspace_addr", s.userspace_addr),
                             ("mmap_offset", s.mmap_offset)):
@@ -182,21 +189,27 @@ class GuestMemory:
 
         On a shared memfd/tmpfs/hugetlbfs mapping MADV_REMOVE punches a hole in the file, as
         ``fallocate(PUNCH_HOLE|KEEP_SIZE)`` at the fd offset would; the pages read back as zero.
-        Ranges are clipped to the regions (parts in holes are skipped) and must be page-aligned.
+        Ranges are clipped to the regions (parts in holes are skipped), then to the whole host
+        pages inside them: a byte outside a range is never discarded, whatever its alignment.
         Returns (calls issued, bytes discarded).
         """
         starts = np.asarray(starts, dtype=np.uint64)
         ends = starts + np.asarray(lengths, dtype=np.uint64)
-        if ((starts | ends) % PAGE_SIZE).any():
-            raise GuestMemoryError("discard-unaligned", "discard ranges must be page-aligned")
+        page = np.uint64(PAGE_SIZE)
         calls = done = 0
         err = _ffi.new("int *")
         for r, host in zip(self.regions, self._host):
             lo = np.maximum(starts, np.uint64(r.gpa))
             hi = np.minimum(ends, np.uint64(r.gpa + r.size))
             keep = lo < hi
-            offs = np.ascontiguousarray(lo[keep] - np.uint64(r.gpa - r.base))
-            lens = np.ascontiguousarray(hi[keep] - lo[keep])
+            # offsets in the mapping (which starts page-aligned in the file), rounded inwards
+            lo_off = lo[keep] - np.uint64(r.gpa) + np.uint64(r.base)
+            hi_off = hi[keep] - np.uint64(r.gpa) + np.uint64(r.base)
+            lo_off = (lo_off + page - np.uint64(1)) // page * page
+            hi_off = hi_off // page * page
+            whole = lo_off < hi_off
+            offs = np.ascontiguousarray(lo_off[whole])
+            lens = np.ascontiguousarray(hi_off[whole] - lo_off[whole])
             n = _lib.vq_discard(host, _ffi.from_buffer("uint64_t[]", offs),
                                 _ffi.from_buffer("uint64_t[]", lens), offs.size, err)
             calls += n
