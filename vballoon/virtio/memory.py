@@ -15,6 +15,7 @@ GuestMemoryAtomic works the same way).
 from __future__ import annotations
 
 import bisect
+import fcntl
 import logging
 import mmap
 import os
@@ -49,6 +50,7 @@ class Region:
     mm: mmap.mmap
     base: int                     # offset of the region's first byte inside ``mm``
     view: memoryview = field(repr=False)
+    sealed: bool = False          # the file cannot shrink (F_SEAL_SHRINK): no size checks
 
     @property
     def gpa(self) -> int:
@@ -174,6 +176,26 @@ class GuestMemory:
         o = r.base + uva - r.uva
         return r.view[o:o + length]
 
+    def check_backing(self) -> None:
+        """FrontendError ``mem-region-truncated`` if a region's file has shrunk below the
+        mapping since it was mapped (touching such a page would raise SIGBUS and kill the
+        process).  Free for files sealed against shrinking (QEMU's memory-backend-memfd is, by
+        default); one fstat per unsealed region otherwise.  Racy against a front-end that
+        truncates between this check and the access: see protocol/vhost-user.md."""
+        for r in self.regions:
+            if r.sealed:
+                continue
+            try:
+                size = os.fstat(r.fd).st_size
+            except OSError as e:
+                raise FrontendError("mem-region-truncated", f"region at gpa {r.gpa:#x}: "
+                                    f"fstat failed: {e}") from None
+            if size < r.spec.mmap_offset + r.size:
+                raise FrontendError("mem-region-truncated",
+                                    f"region at gpa {r.gpa:#x}: its file shrank to {size:#x} "
+                                    f"bytes, below mmap_offset + size "
+                                    f"{r.spec.mmap_offset + r.size:#x}")
+
     def check_gpa(self, gpa: int, length: int) -> None:
         self._lookup(self._gpa, gpa, length, "guest-physical")
 
@@ -240,7 +262,14 @@ def _map_region(i: int, s: RegionSpec, fd: int) -> Region:
         raise FrontendError("mem-region-mmap", f"region {i}: mmap failed: {e}") from None
     log.debug("mapped region %d: gpa %#x size %#x uva %#x fd-offset %#x", i,
               s.guest_phys_addr, s.memory_size, s.userspace_addr, s.mmap_offset)
-    return Region(s, fd, mm, base, memoryview(mm))
+    return Region(s, fd, mm, base, memoryview(mm), _sealed_against_shrink(fd))
+
+
+def _sealed_against_shrink(fd: int) -> bool:
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK)
+    except OSError:          # not a memfd (a tmpfs or hugetlbfs file): it can shrink
+        return False
 
 
 def _unmap(r: Region) -> None:
