@@ -442,3 +442,23 @@ def test_item9_sealed_memfd_is_not_checked_at_each_kick():
     mem.check_backing()
     mem.close()
     ram.close()
+
+
+def test_item1_rule_rate_limit_first_n_then_one_summary_per_second():
+    import logging
+    from vballoon.vhost.ratelimit import RuleRateLimit
+    now = [0.0]
+    f = RuleRateLimit(burst=3, interval=1.0, clock=lambda: now[0])
+
+    def rec(msg, *args, level=logging.ERROR):
+        return logging.LogRecord("x", level, __file__, 1, msg, args, None)
+    passed = [f.filter(rec("%s-bad-pfn: pfn %d", "inflate", i)) for i in range(100)]
+    assert passed.count(True) == 3                      # the burst, then silence
+    assert f.filter(rec("other-rule: x"))               # rules are counted apart
+    assert f.filter(rec("no rule here")) and f.filter(rec("x-y: debug", level=logging.DEBUG))
+    now[0] = 1.5
+    r = rec("%s-bad-pfn: pfn %d", "inflate", 7)
+    assert f.filter(r) and "97 more like this suppressed" in r.getMessage()
+    assert not f.filter(rec("%s-bad-pfn: pfn %d", "inflate", 8))
+    now[0] = 100.0                                      # quiet for long: a fresh burst
+    assert all(f.filter(rec("inflate-bad-pfn: again")) for _ in range(3))

@@ -27,9 +27,13 @@ class RuleRateLimit(logging.Filter):
         self._seen: dict[tuple[str, str], list] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING or not isinstance(record.msg, str):
+        if record.levelno < logging.WARNING:
             return True
-        m = _RULE.match(record.msg)
+        try:
+            text = record.getMessage()
+        except Exception:
+            return True
+        m = _RULE.match(text)
         if m is None:
             return True
         key = (record.name, m.group(1))
@@ -46,19 +50,25 @@ class RuleRateLimit(logging.Filter):
             return True
         if now - st[1] >= self.interval:
             if st[2]:
-                record.msg = f"{record.msg} [{st[2]} more like this suppressed]"
+                record.msg, record.args = f"{text} [{st[2]} more like this suppressed]", None
             st[1], st[2] = now, 0
             return True
         st[2] += 1
         return False
 
 
-def install_rate_limit(*logger_names: str) -> None:
-    """Put one :class:`RuleRateLimit` on each named logger (once) and on vballoon's peer-facing
-    loggers (the session, the virtqueue)."""
-    names = {"vballoon.vhost.session", "vballoon.vhost.transport", "vballoon.virtio.virtqueue",
-             *logger_names}
-    for name in names:
-        lg = logging.getLogger(name)
-        if not any(isinstance(f, RuleRateLimit) for f in lg.filters):
-            lg.addFilter(RuleRateLimit())
+PEER_LOGGERS = ("vballoon.vhost.session", "vballoon.vhost.transport", "vballoon.virtio.virtqueue")
+
+
+def install_rate_limit(*logger_names: str) -> Callable[[], None]:
+    """Put one :class:`RuleRateLimit` on each named logger and on vballoon's peer-facing
+    loggers (the session, the transport, the virtqueue); returns the function that removes it."""
+    flt = RuleRateLimit()
+    loggers = [logging.getLogger(n) for n in {*PEER_LOGGERS, *logger_names}]
+    for lg in loggers:
+        lg.addFilter(flt)
+
+    def remove() -> None:
+        for lg in loggers:
+            lg.removeFilter(flt)
+    return remove

@@ -280,7 +280,8 @@ class Server:
         self.on_activity: Callable[[], None] = lambda: None
         self._task: asyncio.Task[None] | None = None
         self._accept: asyncio.Task[None] | None = None
-        install_rate_limit(type(device).__module__)
+        # guest- and front-end-triggered logs of this device and of the vhost layers
+        self._remove_rate_limit = install_rate_limit(type(device).__module__)
 
     def start(self) -> "asyncio.Task[None]":
         """Start accepting front-ends in the background."""
@@ -360,6 +361,7 @@ class Server:
         if self.connection is not None:
             self.connection.close()
         self.sock.close()
+        self._remove_rate_limit()
         try:
             if os.path.exists(self.path):
                 os.unlink(self.path)
