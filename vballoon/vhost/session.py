@@ -551,7 +551,7 @@ class Session:
                 r.stopped_at = None
             self.device.driver_restarted()
         ring.vq.last_avail_idx = num
-        ring.vq.inflight.clear()
+        ring.vq.forget_in_flight()
         ring.vq.signalled_used = None
         return None
 
@@ -561,7 +561,7 @@ class Session:
         self._stop_ring(ring)
         base = ring.vq.stop_index()
         ring.vq.last_avail_idx = ring.stopped_at = base
-        ring.vq.inflight.clear()
+        ring.vq.forget_in_flight()
         return _pack_reply(msg.request, VRING_STATE.pack(index, base))
 
     def _vring_fd(self, msg: Message) -> tuple[Ring, int | None]:
