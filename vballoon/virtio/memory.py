@@ -115,6 +115,12 @@ class GuestMemory:
         # the same table for the C chain walk (vballoon._vring): starts, ends, host pointers
         self._host = [_ffi.from_buffer("uint8_t[]", r.view, require_writable=True)
                       for r in self.regions]
+        # a SIGBUS in these mappings (their file truncated) is survived and counted
+        if _lib.vq_guard_install() == 0:
+            self._guarded = [h for h, r in zip(self._host, self.regions)
+                             if _lib.vq_guard_add(h, len(r.view)) == 0]
+        else:
+            self._guarded = []
         self.c_table = (len(self.regions), _ffi.new("uint64_t[]", self._gpa[0]),
                         _ffi.new("uint64_t[]", self._gpa[1]),
                         _ffi.new("uint8_t *[]", [h + r.base for h, r in
@@ -141,6 +147,9 @@ class GuestMemory:
 
     def close(self) -> None:
         self.c_table = (0, _ffi.NULL, _ffi.NULL, _ffi.NULL)
+        for h in self._guarded:
+            _lib.vq_guard_remove(h)
+        self._guarded = []
         for h in self._host:
             _ffi.release(h)
         self._host = []
@@ -181,7 +190,13 @@ class GuestMemory:
         mapping since it was mapped (touching such a page would raise SIGBUS and kill the
         process).  Free for files sealed against shrinking (QEMU's memory-backend-memfd is, by
         default); one fstat per unsealed region otherwise.  Racy against a front-end that
-        truncates between this check and the access: see protocol/vhost-user.md."""
+        truncates between this check and the access; that access is survived (a SIGBUS handler
+        maps a zero page there) and reported here at the next check.  See protocol/vhost-user.md.
+        """
+        for h in self._guarded:
+            if _lib.vq_guard_faults(h):
+                raise FrontendError("mem-region-truncated", "guest RAM was truncated under a "
+                                    "mapping (an access faulted with SIGBUS)")
         for r in self.regions:
             if r.sealed:
                 continue
