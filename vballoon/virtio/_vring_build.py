@@ -1,10 +1,11 @@
-"""cffi (API mode) build of ``vballoon._vring``: the split-virtqueue chain walk, the memory
-barriers the virtqueue needs, and the discard loop (one MADV_REMOVE per range, without a
-Python call each: scattered pages mean one syscall per page).  Built by ``pip install -e .`` through ``setup.py``.
+"""cffi (API mode) build of ``vballoon.virtio._vring``: the split-virtqueue chain walk, the memory
+barriers the virtqueue needs, the discard loop (one MADV_REMOVE per range, without a
+Python call each: scattered pages mean one syscall per page), and the SIGBUS guard of guest
+mappings (a truncated guest RAM file must not kill the daemon).  Built by ``pip install -e .`` through ``setup.py``.
 
 Why C: a bitmap-queue chunk is a chain of 33 descriptors, and walking them in Python costs
 more than merging the megabyte of bitmap they carry.  The walk is the one place guest
-descriptors are read and checked; :mod:`vballoon.virtqueue` wraps it and turns its error codes
+descriptors are read and checked; :mod:`vballoon.virtio.virtqueue` wraps it and turns its error codes
 into :class:`~vballoon.errors.GuestError` rules.
 
 Every guest address is checked against the memory table (``rstart``/``rend``, sorted, without

@@ -8,6 +8,11 @@ exactly that range.  A range that crosses a region boundary is refused even if t
 adjacent: Linux never builds such buffers for the balloon, and refusing keeps one view = one
 mapping.
 
+Regions must be host-page-aligned (a discard is whole host pages; see protocol/vhost-user.md,
+"Guest memory"), and a region's file may not shrink under it: :meth:`GuestMemory.check_backing`
+says when it did, and an access that races the truncation is survived (a SIGBUS guard in
+``_vring`` maps a zero page over the faulting page and counts the fault).
+
 A :class:`GuestMemory` is an immutable snapshot; SET_MEM_TABLE builds a new one and the session
 re-translates its rings before closing the old one (vhost-user.rst, "Memory access"; rust-vmm's
 GuestMemoryAtomic works the same way).
