@@ -385,3 +385,61 @@ async def test_item1_guest_error_logs_are_rate_limited(server, sock_path, ram, c
     assert 10 <= len(lines) <= 12, len(lines)
     await fe.close()
     guest.close()
+
+
+# -- #9 --------------------------------------------------------------------------------------
+
+async def test_item9_guest_ram_truncated_then_kick_closes_the_connection(server, sock_path,
+                                                                          caplog):
+    ram = GuestRam(64 << 20)
+    fe = await Frontend.connect(sock_path)
+    await fe.init(6)
+    guest = BalloonGuest(fe, ram)
+    await guest.probe()
+    await guest.inflate(10)
+    q = guest.queues["inflate"]
+    q.add([(guest._pfn_buf, 4, False)])
+    os.ftruncate(ram.fd, 1 << 20)          # the front-end shrinks guest RAM under the daemon
+    q.kick()
+    await until(lambda: server.connection is None)
+    assert "mem-region-truncated" in caplog.text
+    await fe.close()
+    guest.close()
+    ram.close()
+    fe2 = await Frontend.connect(sock_path)  # and the next front-end is served
+    await fe2.init(6)
+    await fe2.close()
+
+
+# -- #3 --------------------------------------------------------------------------------------
+
+_EXIT = """
+import asyncio, os, tempfile
+from vballoon.devices.balloon.device import Balloon
+from vballoon.sim import Frontend, GuestRam
+from vballoon.sim.guest import BalloonGuest
+from vballoon.vhost.transport import Server
+
+async def main():
+    path = os.path.join(tempfile.mkdtemp(), "vb.sock")
+    srv = Server(path, Balloon())
+    srv.start()
+    ram = GuestRam(16 << 20)
+    fe = await Frontend.connect(path)
+    await fe.init(6)
+    g = BalloonGuest(fe, ram)
+    await g.probe()
+    await g.inflate(10)
+    # leave everything mapped and connected: the interpreter tears it all down
+    global keep
+    keep = (srv, ram, fe, g)
+
+asyncio.run(main())
+print("exiting")
+"""
+
+
+def test_item3_no_crash_at_exit_with_guest_ram_still_mapped():
+    p = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _EXIT], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0 and "exiting" in p.stdout, (p.returncode, p.stderr[-2000:])
