@@ -54,7 +54,7 @@ def _run(asan_build, code: str) -> subprocess.CompletedProcess:
            "ASAN_OPTIONS": "detect_leaks=0:exitcode=99:allocator_may_return_null=1",
            "PYTHONPATH": os.pathsep.join([out, HERE, os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=600, env=env)
+                          timeout=120 + EXAMPLES, env=env)
 
 
 def test_fuzz_vhost_asan_build_catches_an_over_read(asan_build):

@@ -15,12 +15,11 @@ import sys
 
 import pytest
 
-from vballoon.devices.balloon.device import Balloon
 from vballoon.sim import DriverQueue, Frontend, GuestRam
 from vballoon.sim.guest import BalloonGuest
 from vballoon.vhost.transport import Server
 from vballoon.virtio.device import Device
-from vballoon.wire import C, HEADER, MEM_REGION, MEMORY, U64, VRING_STATE
+from vballoon.wire import C, HEADER, MEM_REGION, MEMORY, U64
 
 V1 = C.VHOST_USER_VERSION
 NEED = V1 | C.VHOST_USER_NEED_REPLY_MASK
