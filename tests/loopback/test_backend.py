@@ -55,8 +55,7 @@ async def test_qemu_sequence_start_stop_start_close(server, sock_path, ram):
     bases = await fe.stop()                     # guest reset: disable + GET_VRING_BASE
     assert bases[0] == 2                        # two inflate buffers (256 + 44 pfns)
     assert bases[2] == 0                        # the held stats buffer is rewound
-    conn = server.connection
-    assert not any(r.running for r in conn.session.rings)
+    assert not any(q.running for q in server.queue_status())
     await guest.probe()                         # a second driver init, same rings
     await guest.deflate(300)
     assert guest.actual == 0
@@ -76,7 +75,7 @@ async def test_kick_fd_already_signalled_at_set_vring_kick_is_harmless(server, s
     for q in guest.queues.values():
         q.kick()
     await guest.inflate(1)
-    assert not any(r.broken for r in server.connection.session.rings)
+    assert not any(q.broken for q in server.queue_status())
     await fe.close()
     guest.close()
 
@@ -202,7 +201,7 @@ async def test_broken_queue_signals_err_and_the_others_keep_working(server, atta
     q.write_desc(0, 0, 16, C.VRING_DESC_F_NEXT, 0)    # a chain that loops on itself
     q.publish(0)
     q.kick()
-    await until(lambda: server.connection.session.rings[1].broken)
+    await until(lambda: server.queue_status()[1].broken)
     assert os.eventfd_read(fe.err_fds[1]) == 1
     await guest.inflate(5)                            # queue 0 is fine
     assert server.device.counters.inflated_pages == 5

@@ -8,7 +8,8 @@ import pytest
 from vballoon.devices.balloon.device import Balloon
 from vballoon.errors import FrontendError
 from vballoon.sim import GuestRam
-from vballoon.vhost.session import F_PROTOCOL_FEATURES, PROTOCOL_FEATURES, Message, Session
+from vballoon.vhost.session import (F_PROTOCOL_FEATURES, PROTOCOL_FEATURES, Close, CloseFds,
+                                    Message, Session, SetBackendChannel, Unwatch, Watch)
 from vballoon.wire import C, CONFIG, HEADER, MEM_REGION, MEMORY, U64, VRING_ADDR, VRING_STATE
 
 NEED = C.VHOST_USER_VERSION | C.VHOST_USER_NEED_REPLY_MASK
@@ -16,10 +17,31 @@ V1 = C.VHOST_USER_VERSION
 
 
 class Harness:
+    """The session with the few actions a test of fds needs carried out (as the transport
+    would): CloseFds closes, a backend channel is kept until the end."""
+
     def __init__(self):
         self.actions = []
         self.device = Balloon()
-        self.s = Session(self.device, self.actions.append)
+        self.owned = []
+        self.s = Session(self.device, self.apply)
+
+    def apply(self, action):
+        self.actions.append(action)
+        if isinstance(action, CloseFds):
+            for fd in action.fds:
+                os.close(fd)
+        elif isinstance(action, SetBackendChannel):
+            self.owned.append(action.fd)
+
+    def kinds(self):
+        return [type(a) for a in self.actions]
+
+    def close(self):
+        self.s.close()
+        for fd in self.owned:
+            os.close(fd)
+        self.owned.clear()
 
     def send(self, request, payload=b"", fds=(), flags=V1):
         return self.s.handle(Message(request, flags, payload, list(fds)))
@@ -41,7 +63,7 @@ class Harness:
 def h():
     x = Harness()
     yield x
-    x.s.close()
+    x.close()
 
 
 def eventfd():
@@ -96,7 +118,7 @@ def test_unimplemented_request_without_need_reply_is_logged_only(h, caplog):
 
 def test_unimplemented_request_with_explicit_reply_closes_the_connection(h):
     assert h.send(C.VHOST_USER_GET_MAX_MEM_SLOTS) is None
-    assert h.actions[-1].kind == "close"
+    assert isinstance(h.actions[-1], Close)
 
 
 def test_payload_size_mismatch_gets_an_error_ack(h, caplog):
@@ -136,7 +158,7 @@ def test_get_queue_num_answers_the_device_maximum(h):
 
 def test_get_queue_num_without_mq_closes(h):
     h.send(C.VHOST_USER_GET_QUEUE_NUM)
-    assert h.actions[-1].kind == "close"
+    assert isinstance(h.actions[-1], Close)
 
 
 def test_extra_fds_are_closed(h):
@@ -285,9 +307,9 @@ def test_close_closes_every_fd_once(h):
     h.send(C.VHOST_USER_SET_VRING_CALL, U64.pack(0), [fds[0]])
     h.send(C.VHOST_USER_SET_VRING_ERR, U64.pack(0), [fds[1]])
     h.send(C.VHOST_USER_SET_VRING_KICK, U64.pack(1), [fds[2]])
-    assert [a.kind for a in h.actions] == ["watch"]
+    assert h.kinds() == [Watch]
     h.s.close()
-    assert [a.kind for a in h.actions] == ["watch", "unwatch"]
+    assert [t for t in h.kinds() if t is not CloseFds] == [Watch, Unwatch]
     assert not any(is_open(fd) for fd in fds)
 
 

@@ -291,3 +291,26 @@ def test_chain_host_spans_point_at_the_buffers(setup):
     chain.forget_hosts()
     with pytest.raises(GuestError, match="chain-hosts-dropped"):
         chain.read_spans()
+
+
+def test_item1_in_flight_bookkeeping_any_order_and_duplicate_heads(ram):
+    """Pushing in any order is O(1) (a dict, not a list scan); a head published twice while
+    in flight is in flight twice; a third push of it is the driver's error."""
+    with queue_pair(ram, num=8) as (mem, dq, vq):
+        buf = ram.alloc(8)
+        heads = [dq.add([(buf, 8, False)]) for _ in range(6)]
+        chains = [vq.pop(mem) for _ in range(6)]
+        assert vq.in_flight == 6 and vq.stop_index() == 0
+        for c in reversed(chains):
+            vq.push(c)
+        assert vq.in_flight == 0 and vq.stop_index() == 6
+        dq.write_desc(7, buf, 8)
+        dq.publish(7)
+        dq.publish(7)                           # the same head twice
+        a, b = vq.pop(mem), vq.pop(mem)
+        assert a.head == b.head == 7 and vq.in_flight == 2
+        vq.push(a)
+        vq.push(b)
+        with pytest.raises(GuestError, match="push-unknown-head"):
+            vq.push(7)
+        assert heads

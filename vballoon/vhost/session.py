@@ -1,10 +1,16 @@
-"""The vhost-user session: a pure state machine, back-end side (QEMU docs/interop/vhost-user.rst).
+"""The vhost-user session: a sans-IO state machine, back-end side (QEMU docs/interop/vhost-user.rst).
 
 ``Session.handle(Message)`` takes one front-end request with its fds and returns the reply bytes
-(or None); everything else it wants done is emitted as an :class:`Action` through the ``emit``
-callback given at construction: watch or unwatch a kick eventfd, send a message on the backend
-channel, close the connection.  The transport (``vballoon.transport``) carries actions out; tests
-can collect them.  The session owns every fd it was given and closes each exactly once.
+(or None); everything else it wants done is emitted as a typed action through the ``emit``
+callback given at construction: :class:`Watch` / :class:`Unwatch` a kick eventfd,
+:class:`Signal` a call or err eventfd, :class:`SetBackendChannel` (the backend fd passes to the
+transport), :class:`SendBackend`, :class:`CloseFds`, :class:`Resume` a queue with work left,
+:class:`Close` the connection.  The session does no I/O itself: it imports neither ``os`` nor
+``mmap``; the transport (:mod:`vballoon.vhost.transport`) carries the actions out, and the two
+pieces of I/O the session needs answered are injected: ``map_memory`` (a memory table and its
+fds to a :class:`GuestMemory`) and ``check_fd`` (is this fd an eventfd / a socket; made
+non-blocking).  Tests collect the actions.  Every fd the session was given is released exactly
+once, through a ``CloseFds`` or ``SetBackendChannel`` action or by the memory table.
 
 Error policy, by who must be told:
 * A framing error (version bits, REPLY bit, oversized ``size``) cannot be resynchronised:
@@ -12,18 +18,20 @@ Error policy, by who must be told:
 * A bad request whose stream is still in sync gets a logged error naming the rule, then an error
   reply where the front-end waits for one (a non-zero u64 under REPLY_ACK, an empty GET_CONFIG
   payload); requests whose reply has no error form close the connection instead of lying.
+  An unexpected exception (a bug here or in the device) is answered the same way, with its
+  traceback logged; the fds of the message are released either way.
 * A guest that breaks the virtio spec on a ring breaks only that ring (logged, err eventfd
-  signalled); the front-end can set the ring up again.
+  signalled); the front-end can set the ring up again.  So does a device bug while processing.
 """
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence, Union
 
 from vballoon.virtio.device import Device
 from vballoon.errors import FrontendError, GuestError
+from vballoon.vhost import fds as _fds
 from vballoon.virtio.memory import GuestMemory, RegionSpec
 from vballoon.virtio.virtqueue import VirtQueue
 from vballoon.wire import (C, CONFIG, HEADER, MEM_REGION, MEMORY, U64, VRING_ADDR, VRING_STATE)
@@ -54,18 +62,71 @@ class Message(NamedTuple):
         return NAMES.get(self.request, f"request {self.request}")
 
 
+# -- actions: what the session asks the transport to do ------------------------------------
+
 @dataclass(frozen=True)
-class Action:
-    """Something the session wants the transport to do.
+class Watch:
+    """Watch kick eventfd ``fd`` of queue ``index``; call :meth:`Session.kick` when it fires."""
+    index: int
+    fd: int
 
-    kind: ``watch`` (index, fd), ``unwatch`` (index), ``backend`` (data), ``close`` (reason).
-    """
 
-    kind: str
-    index: int = -1
-    fd: int = -1
-    data: bytes = b""
-    reason: str = ""
+@dataclass(frozen=True)
+class Unwatch:
+    """Stop watching kick eventfd ``fd`` of queue ``index`` (a CloseFds follows)."""
+    index: int
+    fd: int
+
+
+@dataclass(frozen=True)
+class Signal:
+    """Add 1 to eventfd ``fd`` (a call or err eventfd); never blocking."""
+    fd: int
+
+
+@dataclass(frozen=True)
+class SetBackendChannel:
+    """``fd`` (a socket) is the backend channel now; the transport owns it from here on and
+    closes the previous one."""
+    fd: int
+
+
+@dataclass(frozen=True)
+class SendBackend:
+    """Send ``data`` (one whole message) on the backend channel, without waiting."""
+    data: bytes
+
+
+@dataclass(frozen=True)
+class CloseFds:
+    """Close these fds; the session no longer refers to them."""
+    fds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Queue ``index`` stopped at its per-call bound with work left: call
+    :meth:`Session.resume` after the other ready callbacks (fairness)."""
+    index: int
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close the connection (after sending the reply of the current request, if any)."""
+    reason: str
+
+
+Action = Union[Watch, Unwatch, Signal, SetBackendChannel, SendBackend, CloseFds, Resume, Close]
+
+
+@dataclass(frozen=True)
+class QueueStatus:
+    """A queue as the session sees it (for the daemon, the control server and tests)."""
+    index: int
+    enabled: bool
+    running: bool
+    broken: bool
+    kick_watched: bool
 
 
 @dataclass(eq=False)
@@ -108,18 +169,31 @@ _EXPLICIT_REPLY = {C.VHOST_USER_GET_FEATURES, C.VHOST_USER_GET_PROTOCOL_FEATURES
                    C.VHOST_USER_GET_SHMEM_CONFIG}
 
 
-class Session:
-    """One front-end connection's worth of vhost-user state, around one :class:`Device`."""
+MapMemory = Callable[[Sequence[RegionSpec], Sequence[int]], GuestMemory]
+CheckFd = Callable[[int, str, str], None]
 
-    def __init__(self, device: Device, emit: Callable[[Action], None]) -> None:
+
+class Session:
+    """One front-end connection's worth of vhost-user state, around one :class:`Device`.
+
+    ``map_memory`` maps a memory table (and owns its fds from then on, closing them on failure
+    too); ``check_fd(fd, kind, what)`` raises FrontendError unless ``fd`` is of ``kind``
+    (``eventfd``, ``socket``) and makes it non-blocking.  Both default to the real thing.
+    """
+
+    def __init__(self, device: Device, emit: Callable[[Action], None], *,
+                 map_memory: MapMemory = GuestMemory.map,
+                 check_fd: CheckFd = _fds.check_fd) -> None:
         self.device = device
         self.emit = emit
+        self.map_memory = map_memory
+        self.check_fd = check_fd
         self.protocol_features = 0       # negotiated
         self.features = 0                # acked virtio features (incl. bit 30), 0 until set
         self.features_set = False
         self.owner = False
         self.mem: GuestMemory | None = None
-        self.backend_fd: int | None = None
+        self.has_backend = False         # a backend channel was handed to the transport
         self.rings = [Ring(VirtQueue(i)) for i in range(device.max_queues())]
         self.closed = False
         device.config_changed = self.announce_config_change
@@ -165,14 +239,16 @@ class Session:
         """Process one request; returns the reply to send, if any.
 
         A handler takes the fds it keeps out of ``msg.fds``; whatever is left when it returns
-        was not wanted and is closed here, so every fd is closed exactly once.
+        or fails, for whatever reason, was not wanted and is released here (a CloseFds action),
+        so every fd is closed exactly once.
         """
         if self.closed:
-            _close_fds(msg.fds)
+            self._release(msg.fds)
             raise FrontendError("session-closed", "message after the session was closed")
         log.debug("<- %s flags=%#x size=%d fds=%d", msg.name, msg.flags, len(msg.payload),
                   len(msg.fds))
         need_reply = bool(msg.flags & C.VHOST_USER_NEED_REPLY_MASK)
+        ok = False
         try:
             handler = self._handlers.get(msg.request)
             if handler is None:
@@ -183,24 +259,35 @@ class Session:
                 raise FrontendError("payload-size", f"{msg.name}: payload of "
                                     f"{len(msg.payload)} bytes, expected {want}")
             reply = handler(msg)
+            ok = True
         except FrontendError as e:
-            _close_fds(msg.fds)
-            msg.fds.clear()
             log.error("front-end error in %s: %s", msg.name, e)
-            if msg.request == C.VHOST_USER_GET_CONFIG:
-                return _pack_reply(msg.request, b"")       # the spec's error form
-            if msg.request in _EXPLICIT_REPLY:
-                self.emit(Action("close", reason=str(e)))
-                return None
-            return _pack_reply(msg.request, U64.pack(1)) if need_reply else None
-        if msg.fds:
-            log.warning("fd-extra: %s carried %d fds it does not take (closed)", msg.name,
-                        len(msg.fds))
-            _close_fds(msg.fds)
-            msg.fds.clear()
+            return self._refuse(msg, need_reply, str(e))
+        except Exception as e:      # a bug, here or in the device: answered, never a hang
+            log.exception("internal-error: %s failed", msg.name)
+            return self._refuse(msg, need_reply, f"internal-error: {msg.name}: {e!r}")
+        finally:
+            if msg.fds:
+                if ok:
+                    log.warning("fd-extra: %s carried %d fds it does not take (closed)",
+                                msg.name, len(msg.fds))
+                self._release(msg.fds)
         if reply is None and need_reply:
             reply = _pack_reply(msg.request, U64.pack(0))
         return reply
+
+    def _refuse(self, msg: Message, need_reply: bool, reason: str) -> bytes | None:
+        if msg.request == C.VHOST_USER_GET_CONFIG:
+            return _pack_reply(msg.request, b"")       # the spec's error form
+        if msg.request in _EXPLICIT_REPLY:
+            self.emit(Close(reason))
+            return None
+        return _pack_reply(msg.request, U64.pack(1)) if need_reply else None
+
+    def _release(self, fds: list[int]) -> None:
+        if fds:
+            self.emit(CloseFds(tuple(fds)))
+            fds.clear()
 
     def kick(self, index: int) -> None:
         """The kick eventfd of ring ``index`` fired (the transport already drained it)."""
@@ -215,20 +302,41 @@ class Session:
             return
         self._run(ring)
 
+    def resume(self, index: int) -> None:
+        """A :class:`Resume` came round: go on with queue ``index`` if it still runs."""
+        ring = self.rings[index]
+        if (ring.running and ring.kick_fd is not None and not ring.broken and ring.enabled
+                and self.features_set and ring.vq.ready and self.mem is not None):
+            self._run(ring)
+
+    def kick_failed(self, index: int, why: str) -> None:
+        """The kick fd of ring ``index`` cannot be read (end of file, an error): the ring is
+        broken, once, and its kick fd is dropped; the front-end can set it up again."""
+        ring = self.rings[index]
+        if ring.kick_fd is None:
+            return
+        log.error("kick-fd-failed: queue %d: %s; queue stopped until set up again", index, why)
+        self.emit(Unwatch(index, ring.kick_fd))
+        self.emit(CloseFds((ring.kick_fd,)))
+        ring.kick_fd = None
+        ring.broken = True
+        if ring.err_fd is not None:
+            self.emit(Signal(ring.err_fd))
+
     def notify(self, index: int) -> None:
         """Interrupt the driver on ring ``index`` if what was pushed calls for it."""
         ring = self.rings[index]
         if ring.vq.should_notify() and ring.call_fd is not None:
-            os.eventfd_write(ring.call_fd, 1)
+            self.emit(Signal(ring.call_fd))
 
     def announce_config_change(self) -> None:
         """BACKEND_CONFIG_CHANGE_MSG, without NEED_REPLY (QEMU may be blocked on us), once the
         driver runs; before that QEMU would drop it and the driver reads config at start."""
-        if self.backend_fd is None or not self.driver_running:
+        if not self.has_backend or not self.driver_running or self.closed:
             log.debug("config change not announced: driver not running or no backend channel")
             return
-        self.emit(Action("backend", data=HEADER.pack(C.VHOST_USER_BACKEND_CONFIG_CHANGE_MSG,
-                                                     C.VHOST_USER_VERSION, 0)))
+        self.emit(SendBackend(HEADER.pack(C.VHOST_USER_BACKEND_CONFIG_CHANGE_MSG,
+                                          C.VHOST_USER_VERSION, 0)))
 
     @property
     def driver_running(self) -> bool:
@@ -236,27 +344,35 @@ class Session:
         and enables the rings while it handles the driver's DRIVER_OK (vhost_dev_start)."""
         return self.features_set and any(r.enabled for r in self.rings)
 
+    def queue_status(self) -> list[QueueStatus]:
+        return [QueueStatus(r.vq.index, r.enabled, r.running, r.broken, r.kick_fd is not None)
+                for r in self.rings]
+
     def close(self) -> None:
-        """The connection is gone: stop every ring, drop the memory, close every fd."""
+        """The connection is gone: stop every ring, drop the memory, release every fd.
+
+        Every step runs even if the device fails in one (logged): a device bug must not leave
+        fds open or guest RAM mapped.  Ring views are released before the mappings go."""
         if self.closed:
             return
-        for ring in self.rings:
-            self._stop_ring(ring)
-            for name in ("call_fd", "err_fd"):
-                fd = getattr(ring, name)
-                if fd is not None:
-                    os.close(fd)
-                    setattr(ring, name, None)
-            ring.vq.reset()
-        if self.backend_fd is not None:
-            os.close(self.backend_fd)
-            self.backend_fd = None
-        self.device.reset()
-        self.device.memory_changed(None)
-        if self.mem is not None:
-            self.mem.close()
-            self.mem = None
         self.closed = True
+        for ring in self.rings:
+            try:
+                self._stop_ring(ring)
+            except Exception:
+                log.exception("internal-error: stopping queue %d", ring.vq.index)
+            fds = [fd for fd in (ring.call_fd, ring.err_fd) if fd is not None]
+            ring.call_fd = ring.err_fd = None
+            self._release(fds)
+            ring.vq.reset()
+        for step in (self.device.reset, lambda: self.device.memory_changed(None)):
+            try:
+                step()
+            except Exception:
+                log.exception("internal-error: the device failed while the session closed")
+        if self.mem is not None:
+            mem, self.mem = self.mem, None
+            mem.close()
 
     # -- ring machinery ------------------------------------------------------------------
 
@@ -269,29 +385,46 @@ class Session:
     def _run(self, ring: Ring) -> None:
         assert self.mem is not None
         ring.pending = False
+        more = False
         try:
+            self.mem.check_backing()
             if not ring.running:
                 ring.running = True
                 self.device.queue_started(ring.vq, self.mem)
-            self.device.process(ring.vq, self.mem)
+            more = bool(self.device.process(ring.vq, self.mem))
         except GuestError as e:
             self._break(ring, e)
+        except FrontendError as e:
+            # guest RAM the front-end shared is no longer all there (truncated)
+            log.error("closing the connection: %s", e)
+            self._break(ring, e)
+            self.emit(Close(str(e)))
+            return
+        except Exception as e:   # a bug, not the guest: this queue stops, the rest go on
+            log.exception("internal-error: queue %d: processing failed; queue stopped",
+                          ring.vq.index)
+            self._break(ring, e)
         self.notify(ring.vq.index)
+        if more and not ring.broken:
+            self.emit(Resume(ring.vq.index))
 
-    def _break(self, ring: Ring, e: GuestError) -> None:
-        log.error("queue %d broken by the guest: %s", ring.vq.index, e)
+    def _break(self, ring: Ring, e: Exception) -> None:
+        if isinstance(e, GuestError):
+            log.error("queue %d broken by the guest: %s", ring.vq.index, e)
         ring.broken = True
         if ring.err_fd is not None:
-            os.eventfd_write(ring.err_fd, 1)
+            self.emit(Signal(ring.err_fd))
 
     def _stop_ring(self, ring: Ring) -> None:
         if ring.kick_fd is not None:
-            self.emit(Action("unwatch", index=ring.vq.index))
-            os.close(ring.kick_fd)
+            self.emit(Unwatch(ring.vq.index, ring.kick_fd))
+            self.emit(CloseFds((ring.kick_fd,)))
             ring.kick_fd = None
-        if ring.running:
-            self.device.queue_stopped(ring.vq)
-        ring.running = ring.pending = False
+        try:
+            if ring.running:
+                self.device.queue_stopped(ring.vq)
+        finally:
+            ring.running = ring.pending = False
 
     def _attach(self, ring: Ring) -> None:
         if self.mem is None:
@@ -362,17 +495,19 @@ class Session:
                  for i in range(nregions)]
         fds = list(msg.fds)
         msg.fds.clear()
-        mem = GuestMemory.map(specs, fds)      # owns the fds, and closes them on failure
+        mem = self.map_memory(specs, fds)      # owns the fds, and closes them on failure
         old, self.mem = self.mem, mem
-        for ring in self.rings:                # a table may arrive again while rings run
-            if ring.vq.ready:
-                try:
-                    self._attach(ring)
-                except FrontendError as e:
-                    log.error("%s", e)
-                    ring.broken = True
-        if old is not None:
-            old.close()
+        try:
+            for ring in self.rings:            # a table may arrive again while rings run
+                if ring.vq.ready:
+                    try:
+                        self._attach(ring)
+                    except FrontendError as e:
+                        log.error("%s", e)
+                        ring.broken = True
+        finally:
+            if old is not None:                # no ring refers to it any more
+                old.close()
         self.device.memory_changed(mem)
         return None
 
@@ -416,7 +551,7 @@ class Session:
                 r.stopped_at = None
             self.device.driver_restarted()
         ring.vq.last_avail_idx = num
-        ring.vq.inflight.clear()
+        ring.vq.forget_in_flight()
         ring.vq.signalled_used = None
         return None
 
@@ -426,7 +561,7 @@ class Session:
         self._stop_ring(ring)
         base = ring.vq.stop_index()
         ring.vq.last_avail_idx = ring.stopped_at = base
-        ring.vq.inflight.clear()
+        ring.vq.forget_in_flight()
         return _pack_reply(msg.request, VRING_STATE.pack(index, base))
 
     def _vring_fd(self, msg: Message) -> tuple[Ring, int | None]:
@@ -435,10 +570,14 @@ class Session:
             raise FrontendError("vring-fd-payload", f"{msg.name}: reserved bits in {value:#x}")
         ring = self._ring(value & C.VHOST_USER_VRING_IDX_MASK)
         nofd = bool(value & C.VHOST_USER_VRING_NOFD_MASK)
-        want = 0 if nofd else 1
-        if len(msg.fds) < want:
+        if nofd:
+            return ring, None
+        if not msg.fds:
             raise FrontendError("fd-missing", f"{msg.name}: no fd attached and NOFD not set")
-        return ring, (msg.fds.pop(0) if want else None)
+        # an eventfd, non-blocking: a pipe at EOF would spin the loop, a regular file cannot
+        # be watched, and a blocking call fd with a full counter would block the daemon
+        self.check_fd(msg.fds[0], "eventfd", f"{msg.name} fd of queue {ring.vq.index}")
+        return ring, msg.fds.pop(0)
 
     def _set_vring_kick(self, msg: Message) -> None:
         ring, fd = self._vring_fd(msg)
@@ -447,7 +586,7 @@ class Session:
                                 "mode (no kick fd) is not supported")
         self._stop_ring(ring)
         ring.kick_fd = fd
-        self.emit(Action("watch", index=ring.vq.index, fd=fd))
+        self.emit(Watch(ring.vq.index, fd))
         return None
 
     def _set_vring_call(self, msg: Message) -> None:
@@ -460,9 +599,9 @@ class Session:
         """A ring's call or err eventfd: the new one (or none, NOFD) replaces and closes the old."""
         ring, fd = self._vring_fd(msg)
         old = getattr(ring, attr)
-        if old is not None:
-            os.close(old)
         setattr(ring, attr, fd)
+        if old is not None:
+            self.emit(CloseFds((old,)))
 
     def _get_protocol_features(self, msg: Message) -> bytes:
         return _pack_reply(msg.request, U64.pack(PROTOCOL_FEATURES))
@@ -503,9 +642,9 @@ class Session:
                                 "SET_BACKEND_REQ_FD without the BACKEND_REQ feature")
         if not msg.fds:
             raise FrontendError("fd-missing", "SET_BACKEND_REQ_FD without an fd")
-        if self.backend_fd is not None:
-            os.close(self.backend_fd)
-        self.backend_fd = msg.fds.pop(0)
+        self.check_fd(msg.fds[0], "socket", "SET_BACKEND_REQ_FD fd")
+        self.emit(SetBackendChannel(msg.fds.pop(0)))     # the transport owns it now
+        self.has_backend = True
         return None
 
     def _config_payload(self, msg: Message) -> tuple[int, int, int, bytes]:
@@ -534,11 +673,3 @@ class Session:
             raise FrontendError("config-flags", f"SET_CONFIG flags {flags}")
         self.device.set_config(offset, data, flags == C.VHOST_SET_CONFIG_TYPE_MIGRATION)
         return None
-
-
-def _close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

@@ -1,8 +1,14 @@
 """asyncio edge of the vhost-user back-end: the listening socket, message framing with fds
-(SCM_RIGHTS), kick eventfds, and the backend channel.  No protocol logic lives here.
+(SCM_RIGHTS), kick eventfds, and the backend channel.  No protocol logic lives here: the
+session's typed actions are carried out (:meth:`Connection._apply`), and the fds they hand over
+(the backend channel) are owned here.
 
 One front-end at a time (vhost-user is point to point).  When it goes away, for whatever
-reason, the session is closed (every fd, every mapping) and the next connection is served.
+reason, the session is closed (every fd, every mapping) and the next connection is served.  A
+connection that arrives while the previous front-end's end of file is still unprocessed waits
+for it (never refused for that race); one that arrives while a live front-end is served is
+refused.  Accept errors (EMFILE, ENFILE, ENOMEM, ...) are logged and retried after a short
+back-off: the accept loop never dies.
 """
 from __future__ import annotations
 
@@ -10,13 +16,18 @@ import array
 import asyncio
 import logging
 import os
+import select
 import socket
 from typing import Callable
 
 from vballoon.virtio.device import Device
 from vballoon.errors import FrontendError
 from vballoon.sockets import listen_unix
-from vballoon.vhost.session import Action, Message, Session
+from vballoon.vhost.fds import close_fds, signal_eventfd
+from vballoon.vhost.ratelimit import install_rate_limit
+from vballoon.vhost.session import (Action, Close, CloseFds, Message, QueueStatus, Resume,
+                                    SendBackend, Session, SetBackendChannel, Signal, Unwatch,
+                                    Watch)
 from vballoon.wire import C, HEADER
 
 log = logging.getLogger(__name__)
@@ -111,59 +122,100 @@ async def send_message(sock: socket.socket, data: bytes, fds: list[int] | tuple[
 
 
 class Connection:
-    """Carries one front-end's session: reads requests, applies the session's actions."""
+    """Carries one front-end's session: reads requests, carries out the session's actions."""
 
-    def __init__(self, sock: socket.socket, device: Device) -> None:
+    def __init__(self, sock: socket.socket, device: Device,
+                 on_activity: Callable[[], None] = lambda: None) -> None:
         self.sock = sock
         self.loop = asyncio.get_running_loop()
         self.watched: dict[int, int] = {}
         self.backend: socket.socket | None = None
-        self._backend_of: int | None = None     # the session's fd that ``backend`` dups
         self._closing: str | None = None
+        self._resume: set[int] = set()            # queues with a Resume scheduled
+        self._on_activity = on_activity
         self.closed = False
         self.session = Session(device, self._apply)
 
+    # -- actions ---------------------------------------------------------------------------
+
     def _apply(self, action: Action) -> None:
-        if action.kind == "watch":
-            self.loop.add_reader(action.fd, self._on_kick, action.index, action.fd)
+        if isinstance(action, Watch):
+            try:
+                self.loop.add_reader(action.fd, self._on_kick, action.index, action.fd)
+            except (OSError, ValueError) as e:      # e.g. EPERM: not pollable
+                self.session.kick_failed(action.index, f"cannot watch the kick fd: {e}")
+                return
             self.watched[action.index] = action.fd
-        elif action.kind == "unwatch":
-            fd = self.watched.pop(action.index, None)
-            if fd is not None:
-                self.loop.remove_reader(fd)
-        elif action.kind == "backend":
+        elif isinstance(action, Unwatch):
+            if self.watched.get(action.index) == action.fd:
+                del self.watched[action.index]
+                self.loop.remove_reader(action.fd)
+        elif isinstance(action, Signal):
+            signal_eventfd(action.fd)
+        elif isinstance(action, CloseFds):
+            close_fds(action.fds)
+        elif isinstance(action, SetBackendChannel):
+            if self.backend is not None:
+                self.backend.close()
+            self.backend = socket.socket(fileno=action.fd)
+            self.backend.setblocking(False)
+        elif isinstance(action, SendBackend):
             self._send_backend(action.data)
-        elif action.kind == "close":
-            self._closing = action.reason
+        elif isinstance(action, Resume):
+            if action.index not in self._resume:
+                self._resume.add(action.index)
+                self.loop.call_soon(self._on_resume, action.index)
+        elif isinstance(action, Close):
+            if self._closing is None:
+                self._closing = action.reason
+                try:                # wake the reader: it sees end of file and closes
+                    self.sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+        else:                                       # pragma: no cover - a new action type
+            raise TypeError(f"unknown action {action!r}")
 
     def _on_kick(self, index: int, fd: int) -> None:
         try:
-            os.eventfd_read(fd)
+            data = os.read(fd, 8)
         except BlockingIOError:
             return
-        try:
-            self.session.kick(index)
-        except Exception:   # a bug, not the guest (GuestError is handled in the session)
-            log.exception("queue %d: processing failed; queue stopped", index)
-            self.session.rings[index].broken = True
+        except OSError as e:
+            self.session.kick_failed(index, f"read: {e}")
+            return
+        if len(data) != 8:
+            self.session.kick_failed(index, "end of file" if not data else
+                                     f"a {len(data)}-byte read")
+            return
+        self.session.kick(index)
+        self._on_activity()
+
+    def _on_resume(self, index: int) -> None:
+        self._resume.discard(index)
+        if not self.closed:
+            self.session.resume(index)
+            self._on_activity()
 
     def _send_backend(self, data: bytes) -> None:
-        fd = self.session.backend_fd
-        if fd is None:
+        if self.backend is None:
             return
-        if self._backend_of != fd:            # a new SET_BACKEND_REQ_FD since the last send
-            if self.backend is not None:
-                self.backend.close()
-            self.backend = socket.socket(fileno=os.dup(fd))
-            self.backend.setblocking(False)
-            self._backend_of = fd
-        assert self.backend is not None
         try:
             self.backend.send(data)
         except BlockingIOError:
             log.warning("backend channel full; config change dropped (the next one carries it)")
         except OSError as e:
             log.error("backend channel: %s", e)
+
+    # -- the connection --------------------------------------------------------------------
+
+    def peer_gone(self) -> bool:
+        """The front-end closed its end (its end of file may still be unread here)."""
+        if self.closed:
+            return True
+        p = select.poll()
+        p.register(self.sock.fileno(), select.POLLRDHUP)
+        return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL)
+                   for _, ev in p.poll(0))
 
     async def run(self) -> None:
         try:
@@ -174,12 +226,15 @@ class Connection:
                     log.error("front-end error, closing the connection: %s", e)
                     return
                 except ConnectionClosed as e:
-                    log.info("front-end disconnected (%s)", e)
-                    return
+                    if self._closing is None:
+                        log.info("front-end disconnected (%s)", e)
+                    break
                 reply = self.session.handle(msg)
                 if reply is not None:
                     await send_message(self.sock, reply)
-            log.error("closing the connection: %s", self._closing)
+                self._on_activity()
+            if self._closing is not None:
+                log.error("closing the connection: %s", self._closing)
         except ConnectionClosed as e:
             log.info("front-end disconnected (%s)", e)
         finally:
@@ -189,18 +244,30 @@ class Connection:
         if self.closed:
             return
         self.closed = True
-        self.session.close()          # emits unwatch for every kick fd, then closes them
-        for fd in list(self.watched.values()):
-            self.loop.remove_reader(fd)
-        self.watched.clear()
-        if self.backend is not None:
-            self.backend.close()
-            self.backend = None
-        self.sock.close()
+        try:
+            self.session.close()      # unwatches and closes every kick fd, unmaps memory
+        finally:
+            for fd in list(self.watched.values()):
+                self.loop.remove_reader(fd)
+            self.watched.clear()
+            if self.backend is not None:
+                self.backend.close()
+                self.backend = None
+            self.sock.close()
+
+    def queue_status(self) -> list[QueueStatus]:
+        return self.session.queue_status()
+
+
+ACCEPT_BACKOFF = 0.1      # seconds between accept retries after an error (EMFILE, ...)
 
 
 class Server:
-    """Serves one device on a Unix socket, one front-end at a time, until :meth:`close`."""
+    """Serves one device on a Unix socket, one front-end at a time, until :meth:`close`.
+
+    ``on_activity`` is called after every processed message or kick (and resumed queue): the
+    daemon re-arms its deadline timer there.  A plain attribute; a no-op by default.
+    """
 
     def __init__(self, path: str, device: Device) -> None:
         self.path = path
@@ -208,8 +275,13 @@ class Server:
         self.sock = listen_unix(path)
         self.connection: Connection | None = None
         self.connections_served = 0
+        self.connections_refused = 0
+        self.accept_errors = 0
+        self.on_activity: Callable[[], None] = lambda: None
         self._task: asyncio.Task[None] | None = None
         self._accept: asyncio.Task[None] | None = None
+        # guest- and front-end-triggered logs of this device and of the vhost layers
+        self._remove_rate_limit = install_rate_limit(type(device).__module__)
 
     def start(self) -> "asyncio.Task[None]":
         """Start accepting front-ends in the background."""
@@ -219,16 +291,40 @@ class Server:
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(self.sock)
-            if self.connection is not None:
-                log.error("a second front-end connected while one is served; refused")
-                conn.close()
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError as e:
+                # EMFILE and friends: the pending connection stays queued; try again soon.
+                self.accept_errors += 1
+                log.error("accept-failed: %s; retrying in %.1fs", e, ACCEPT_BACKOFF)
+                await asyncio.sleep(ACCEPT_BACKOFF)
                 continue
-            conn.setblocking(False)
-            self.connections_served += 1
-            log.info("front-end connected (#%d)", self.connections_served)
-            self.connection = Connection(conn, self.device)
-            self._task = asyncio.ensure_future(self._carry(self.connection))
+            try:
+                await self._serve(conn)
+            except Exception:
+                log.exception("internal-error: serving a new front-end failed")
+                conn.close()
+
+    async def _serve(self, conn: socket.socket) -> None:
+        old = self.connection
+        if old is not None and old.peer_gone() and self._task is not None:
+            # The previous front-end has closed; its end of file is not processed yet.  Let
+            # it finish (it only has buffered requests and that EOF left), then serve this one.
+            log.info("a front-end connected while the previous one is ending; it waits")
+            await asyncio.shield(self._task)
+        if self.connection is not None:
+            self.connections_refused += 1
+            log.error("a second front-end connected while one is served; refused")
+            conn.close()
+            return
+        conn.setblocking(False)
+        self.connections_served += 1
+        log.info("front-end connected (#%d)", self.connections_served)
+        self.connection = Connection(conn, self.device, self._activity)
+        self._task = asyncio.ensure_future(self._carry(self.connection))
+
+    def _activity(self) -> None:
+        self.on_activity()
 
     async def _carry(self, c: Connection) -> None:
         try:
@@ -237,7 +333,8 @@ class Server:
             log.exception("connection failed")
             c.close()
         finally:
-            self.connection = None
+            if self.connection is c:
+                self.connection = None
 
     @property
     def connected(self) -> bool:
@@ -248,6 +345,10 @@ class Server:
     def driver_attached(self) -> bool:
         """A front-end is connected and the guest's driver has set its features."""
         return self.connection is not None and self.connection.session.features_set
+
+    def queue_status(self) -> list[QueueStatus]:
+        """Each queue of the connected front-end (empty when none is)."""
+        return [] if self.connection is None else self.connection.queue_status()
 
     async def close(self) -> None:
         for task in (self._accept, self._task):
@@ -260,6 +361,7 @@ class Server:
         if self.connection is not None:
             self.connection.close()
         self.sock.close()
+        self._remove_rate_limit()
         try:
             if os.path.exists(self.path):
                 os.unlink(self.path)

@@ -1,10 +1,11 @@
-"""cffi (API mode) build of ``vballoon._vring``: the split-virtqueue chain walk, the memory
-barriers the virtqueue needs, and the discard loop (one MADV_REMOVE per range, without a
-Python call each: scattered pages mean one syscall per page).  Built by ``pip install -e .`` through ``setup.py``.
+"""cffi (API mode) build of ``vballoon.virtio._vring``: the split-virtqueue chain walk, the memory
+barriers the virtqueue needs, the discard loop (one MADV_REMOVE per range, without a
+Python call each: scattered pages mean one syscall per page), and the SIGBUS guard of guest
+mappings (a truncated guest RAM file must not kill the daemon).  Built by ``pip install -e .`` through ``setup.py``.
 
 Why C: a bitmap-queue chunk is a chain of 33 descriptors, and walking them in Python costs
 more than merging the megabyte of bitmap they carry.  The walk is the one place guest
-descriptors are read and checked; :mod:`vballoon.virtqueue` wraps it and turns its error codes
+descriptors are read and checked; :mod:`vballoon.virtio.virtqueue` wraps it and turns its error codes
 into :class:`~vballoon.errors.GuestError` rules.
 
 Every guest address is checked against the memory table (``rstart``/``rend``, sorted, without
@@ -36,14 +37,20 @@ int64_t vq_discard(uint8_t *base, const uint64_t *off, const uint64_t *len, size
 void vq_mb(void);
 void vq_rmb(void);
 void vq_wmb(void);
+int vq_guard_install(void);
+int vq_guard_add(uint8_t *base, size_t len);
+void vq_guard_remove(uint8_t *base);
+uint64_t vq_guard_faults(uint8_t *base);
 """
 
 SOURCE = r"""
 #include <errno.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #define VQ_ERR_HEAD              (-1)   /* head >= queue size */
 #define VQ_ERR_LOOP              (-2)   /* more descriptors than the table holds */
@@ -166,6 +173,88 @@ int64_t vq_discard(uint8_t *base, const uint64_t *off, const uint64_t *len, size
             return (int64_t)i;
         }
     return (int64_t)n;
+}
+
+/*
+ * SIGBUS guard for guest RAM.  A front-end can truncate the file behind a mapping; the next
+ * access to a page past the new end raises SIGBUS, which would kill the daemon.  The handler
+ * below, for an address inside a registered guest mapping, maps a private zero page over the
+ * faulting page (the access is restarted and succeeds) and counts the fault against that
+ * mapping; the session sees the count and drops the connection.  Any other SIGBUS goes to the
+ * handler that was there before (Python's faulthandler, or the default: a core dump).
+ */
+#define VQ_GUARD_MAX 64
+static uintptr_t guard_lo[VQ_GUARD_MAX], guard_hi[VQ_GUARD_MAX];
+static volatile uint64_t guard_faults[VQ_GUARD_MAX];
+static volatile sig_atomic_t guard_n;
+static struct sigaction guard_old;
+static int guard_installed;
+
+static void guard_handler(int sig, siginfo_t *si, void *ctx)
+{
+    uintptr_t a = (uintptr_t)si->si_addr, page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    for (int i = 0; i < guard_n; i++)
+        if (a >= guard_lo[i] && a < guard_hi[i]) {
+            void *p = mmap((void *)(a & ~(page - 1)), page, PROT_READ | PROT_WRITE,
+                           MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (p != MAP_FAILED) {
+                guard_faults[i]++;
+                return;
+            }
+            break;
+        }
+    /* not guest RAM (or no page could be mapped): the previous disposition takes it */
+    sigaction(SIGBUS, &guard_old, NULL);
+    (void)sig; (void)ctx;
+}
+
+int vq_guard_install(void)
+{
+    struct sigaction sa;
+    if (guard_installed)
+        return 0;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = guard_handler;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGBUS, &sa, &guard_old))
+        return -errno;
+    guard_installed = 1;
+    return 0;
+}
+
+int vq_guard_add(uint8_t *base, size_t len)
+{
+    if (guard_n >= VQ_GUARD_MAX)
+        return -1;
+    guard_lo[guard_n] = (uintptr_t)base;
+    guard_hi[guard_n] = (uintptr_t)base + len;
+    guard_faults[guard_n] = 0;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    guard_n++;                                /* published after its bounds */
+    return 0;
+}
+
+void vq_guard_remove(uint8_t *base)
+{
+    for (int i = 0; i < guard_n; i++)
+        if (guard_lo[i] == (uintptr_t)base) {
+            int last = guard_n - 1;
+            guard_lo[i] = guard_lo[last];
+            guard_hi[i] = guard_hi[last];
+            guard_faults[i] = guard_faults[last];
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            guard_n--;
+            return;
+        }
+}
+
+uint64_t vq_guard_faults(uint8_t *base)
+{
+    for (int i = 0; i < guard_n; i++)
+        if (guard_lo[i] == (uintptr_t)base)
+            return guard_faults[i];
+    return 0;
 }
 
 /* Memory barriers (Linux: virt_mb / virt_rmb / virt_wmb); Python has none of its own. */

@@ -8,6 +8,11 @@ exactly that range.  A range that crosses a region boundary is refused even if t
 adjacent: Linux never builds such buffers for the balloon, and refusing keeps one view = one
 mapping.
 
+Regions must be host-page-aligned (a discard is whole host pages; see protocol/vhost-user.md,
+"Guest memory"), and a region's file may not shrink under it: :meth:`GuestMemory.check_backing`
+says when it did, and an access that races the truncation is survived (a SIGBUS guard in
+``_vring`` maps a zero page over the faulting page and counts the fault).
+
 A :class:`GuestMemory` is an immutable snapshot; SET_MEM_TABLE builds a new one and the session
 re-translates its rings before closing the old one (vhost-user.rst, "Memory access"; rust-vmm's
 GuestMemoryAtomic works the same way).
@@ -15,6 +20,7 @@ GuestMemoryAtomic works the same way).
 from __future__ import annotations
 
 import bisect
+import fcntl
 import logging
 import mmap
 import os
@@ -49,6 +55,7 @@ class Region:
     mm: mmap.mmap
     base: int                     # offset of the region's first byte inside ``mm``
     view: memoryview = field(repr=False)
+    sealed: bool = False          # the file cannot shrink (F_SEAL_SHRINK): no size checks
 
     @property
     def gpa(self) -> int:
@@ -78,6 +85,13 @@ def validate_table(specs: Sequence[RegionSpec]) -> None:
     for i, s in enumerate(specs):
         if s.memory_size == 0:
             raise FrontendError("mem-region-empty", f"region {i} has memory_size 0")
+        for name in ("guest_phys_addr", "memory_size", "userspace_addr", "mmap_offset"):
+            # A discard works on whole host pages of the file: a region that is not
+            # page-aligned would let one guest page's discard zero part of its neighbour.
+            if getattr(s, name) % PAGE_SIZE:
+                raise FrontendError("mem-region-unaligned",
+                                    f"region {i}: {name} {getattr(s, name):#x} is not a "
+                                    f"multiple of the host page size ({PAGE_SIZE:#x})")
         for name, start in (("guest_phys_addr", s.guest_phys_addr),
                             ("userspace_addr", s.userspace_addr),
                             ("mmap_offset", s.mmap_offset)):
@@ -106,6 +120,12 @@ class GuestMemory:
         # the same table for the C chain walk (vballoon._vring): starts, ends, host pointers
         self._host = [_ffi.from_buffer("uint8_t[]", r.view, require_writable=True)
                       for r in self.regions]
+        # a SIGBUS in these mappings (their file truncated) is survived and counted
+        if _lib.vq_guard_install() == 0:
+            self._guarded = [h for h, r in zip(self._host, self.regions)
+                             if _lib.vq_guard_add(h, len(r.view)) == 0]
+        else:
+            self._guarded = []
         self.c_table = (len(self.regions), _ffi.new("uint64_t[]", self._gpa[0]),
                         _ffi.new("uint64_t[]", self._gpa[1]),
                         _ffi.new("uint8_t *[]", [h + r.base for h, r in
@@ -132,6 +152,9 @@ class GuestMemory:
 
     def close(self) -> None:
         self.c_table = (0, _ffi.NULL, _ffi.NULL, _ffi.NULL)
+        for h in self._guarded:
+            _lib.vq_guard_remove(h)
+        self._guarded = []
         for h in self._host:
             _ffi.release(h)
         self._host = []
@@ -167,6 +190,32 @@ class GuestMemory:
         o = r.base + uva - r.uva
         return r.view[o:o + length]
 
+    def check_backing(self) -> None:
+        """FrontendError ``mem-region-truncated`` if a region's file has shrunk below the
+        mapping since it was mapped (touching such a page would raise SIGBUS and kill the
+        process).  Free for files sealed against shrinking (QEMU's memory-backend-memfd is, by
+        default); one fstat per unsealed region otherwise.  Racy against a front-end that
+        truncates between this check and the access; that access is survived (a SIGBUS handler
+        maps a zero page there) and reported here at the next check.  See protocol/vhost-user.md.
+        """
+        for h in self._guarded:
+            if _lib.vq_guard_faults(h):
+                raise FrontendError("mem-region-truncated", "guest RAM was truncated under a "
+                                    "mapping (an access faulted with SIGBUS)")
+        for r in self.regions:
+            if r.sealed:
+                continue
+            try:
+                size = os.fstat(r.fd).st_size
+            except OSError as e:
+                raise FrontendError("mem-region-truncated", f"region at gpa {r.gpa:#x}: "
+                                    f"fstat failed: {e}") from None
+            if size < r.spec.mmap_offset + r.size:
+                raise FrontendError("mem-region-truncated",
+                                    f"region at gpa {r.gpa:#x}: its file shrank to {size:#x} "
+                                    f"bytes, below mmap_offset + size "
+                                    f"{r.spec.mmap_offset + r.size:#x}")
+
     def check_gpa(self, gpa: int, length: int) -> None:
         self._lookup(self._gpa, gpa, length, "guest-physical")
 
@@ -182,21 +231,27 @@ class GuestMemory:
 
         On a shared memfd/tmpfs/hugetlbfs mapping MADV_REMOVE punches a hole in the file, as
         ``fallocate(PUNCH_HOLE|KEEP_SIZE)`` at the fd offset would; the pages read back as zero.
-        Ranges are clipped to the regions (parts in holes are skipped) and must be page-aligned.
+        Ranges are clipped to the regions (parts in holes are skipped), then to the whole host
+        pages inside them: a byte outside a range is never discarded, whatever its alignment.
         Returns (calls issued, bytes discarded).
         """
         starts = np.asarray(starts, dtype=np.uint64)
         ends = starts + np.asarray(lengths, dtype=np.uint64)
-        if ((starts | ends) % PAGE_SIZE).any():
-            raise GuestMemoryError("discard-unaligned", "discard ranges must be page-aligned")
+        page = np.uint64(PAGE_SIZE)
         calls = done = 0
         err = _ffi.new("int *")
         for r, host in zip(self.regions, self._host):
             lo = np.maximum(starts, np.uint64(r.gpa))
             hi = np.minimum(ends, np.uint64(r.gpa + r.size))
             keep = lo < hi
-            offs = np.ascontiguousarray(lo[keep] - np.uint64(r.gpa - r.base))
-            lens = np.ascontiguousarray(hi[keep] - lo[keep])
+            # offsets in the mapping (which starts page-aligned in the file), rounded inwards
+            lo_off = lo[keep] - np.uint64(r.gpa) + np.uint64(r.base)
+            hi_off = hi[keep] - np.uint64(r.gpa) + np.uint64(r.base)
+            lo_off = (lo_off + page - np.uint64(1)) // page * page
+            hi_off = hi_off // page * page
+            whole = lo_off < hi_off
+            offs = np.ascontiguousarray(lo_off[whole])
+            lens = np.ascontiguousarray(hi_off[whole] - lo_off[whole])
             n = _lib.vq_discard(host, _ffi.from_buffer("uint64_t[]", offs),
                                 _ffi.from_buffer("uint64_t[]", lens), offs.size, err)
             calls += n
@@ -227,7 +282,14 @@ def _map_region(i: int, s: RegionSpec, fd: int) -> Region:
         raise FrontendError("mem-region-mmap", f"region {i}: mmap failed: {e}") from None
     log.debug("mapped region %d: gpa %#x size %#x uva %#x fd-offset %#x", i,
               s.guest_phys_addr, s.memory_size, s.userspace_addr, s.mmap_offset)
-    return Region(s, fd, mm, base, memoryview(mm))
+    return Region(s, fd, mm, base, memoryview(mm), _sealed_against_shrink(fd))
+
+
+def _sealed_against_shrink(fd: int) -> bool:
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK)
+    except OSError:          # not a memfd (a tmpfs or hugetlbfs file): it can shrink
+        return False
 
 
 def _unmap(r: Region) -> None:

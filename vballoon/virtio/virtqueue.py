@@ -142,7 +142,10 @@ class VirtQueue:
         self.signalled_used: int | None = None   # used idx at the last notification
         self.event_idx = False
         self.indirect = False
-        self.inflight: list[int] = []             # heads popped and not yet pushed
+        # heads popped and not yet pushed: head -> times (a hostile driver may publish a head
+        # twice); a dict, so that a push in any order is O(1)
+        self._inflight: dict[int, int] = {}
+        self._ninflight = 0
         self._desc: memoryview | None = None
         self._desc_p = _ffi.NULL                  # the descriptor table, for the C walk
         self._out: tuple = ()                     # the walk's output arrays
@@ -207,7 +210,8 @@ class VirtQueue:
         head = _LE16.unpack_from(avail, AVAIL_RING + 2 * (self.last_avail_idx % self.num))[0]
         chain = self._walk(mem, head)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-        self.inflight.append(head)
+        self._inflight[head] = self._inflight.get(head, 0) + 1
+        self._ninflight += 1
         if self.event_idx:   # ask for a kick as soon as the driver adds past this one
             _LE16.pack_into(self._used, USED_RING + USED_ELEM.size * self.num, self.last_avail_idx)
         return chain
@@ -238,11 +242,15 @@ class VirtQueue:
         used = self._used
         if used is None:
             raise GuestError("vring-not-ready", f"queue {self.index} is not set up")
-        try:
-            self.inflight.remove(head)
-        except ValueError:
+        times = self._inflight.get(head)
+        if not times:
             raise GuestError("push-unknown-head",
-                             f"queue {self.index}: head {head} is not in flight") from None
+                             f"queue {self.index}: head {head} is not in flight")
+        if times == 1:
+            del self._inflight[head]
+        else:
+            self._inflight[head] = times - 1
+        self._ninflight -= 1
         _ELEM.pack_into(used, USED_RING + USED_ELEM.size * (self.used_idx % self.num), head,
                         written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
@@ -271,7 +279,17 @@ class VirtQueue:
         Chains the device still holds (a stats buffer, a request buffer) were popped last;
         rewinding over them lets the next start pop them again instead of losing them.
         """
-        return (self.last_avail_idx - len(self.inflight)) & 0xFFFF
+        return (self.last_avail_idx - self._ninflight) & 0xFFFF
+
+    @property
+    def in_flight(self) -> int:
+        """How many chains were popped and not pushed yet."""
+        return self._ninflight
+
+    def forget_in_flight(self) -> None:
+        """The front-end set the ring's index (SET/GET_VRING_BASE): nothing is in flight."""
+        self._inflight.clear()
+        self._ninflight = 0
 
     def reset(self) -> None:
         self.detach()
