@@ -278,6 +278,7 @@ class Server:
         self.connections_refused = 0
         self.accept_errors = 0
         self.on_activity: Callable[[], None] = lambda: None
+        device.transport_reschedules = True     # a Resume action runs a bounded queue again
         self._task: asyncio.Task[None] | None = None
         self._accept: asyncio.Task[None] | None = None
         # guest- and front-end-triggered logs of this device and of the vhost layers
