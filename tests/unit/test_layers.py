@@ -12,7 +12,7 @@ ROOT = Path(__file__).parents[2] / "vballoon"
 
 # layer -> the layers it may import (besides itself).  The ground floor (wire, errors, units,
 # sockets) may be imported by everyone and imports nothing of vballoon but itself.
-GROUND = {"wire", "errors", "units", "sockets", "protocol"}
+GROUND = {"wire", "errors", "units", "sockets", "ratelimit", "protocol"}
 ALLOWED: dict[str, set[str]] = {
     "ground": set(),
     "virtio": set(),

@@ -445,7 +445,7 @@ def test_item9_sealed_memfd_is_not_checked_at_each_kick():
 
 def test_item1_rule_rate_limit_first_n_then_one_summary_per_second():
     import logging
-    from vballoon.vhost.ratelimit import RuleRateLimit
+    from vballoon.ratelimit import RuleRateLimit
     now = [0.0]
     f = RuleRateLimit(burst=3, interval=1.0, clock=lambda: now[0])
 

@@ -24,7 +24,7 @@ from vballoon.virtio.device import Device
 from vballoon.errors import FrontendError
 from vballoon.sockets import listen_unix
 from vballoon.vhost.fds import close_fds, signal_eventfd
-from vballoon.vhost.ratelimit import install_rate_limit
+from vballoon.ratelimit import install_rate_limit
 from vballoon.vhost.session import (Action, Close, CloseFds, Message, QueueStatus, Resume,
                                     SendBackend, Session, SetBackendChannel, Signal, Unwatch,
                                     Watch)

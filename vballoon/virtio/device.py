@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from vballoon.ratelimit import RuleRateLimit
 from vballoon.virtio.memory import GuestMemory
 from vballoon.virtio.virtqueue import VirtQueue
 from vballoon.wire import C
@@ -38,8 +39,8 @@ log = logging.getLogger(__name__)
 TRANSPORT_FEATURES = (1 << C.VIRTIO_F_VERSION_1 | 1 << C.VIRTIO_RING_F_EVENT_IDX
                       | 1 << C.VIRTIO_RING_F_INDIRECT_DESC)
 CHAINS_PER_CALL = 128      # chains one process() call handles before it yields
-GUEST_LOG_BURST = 10       # guest-error messages of one rule logged per window ...
-GUEST_LOG_WINDOW = 10.0    # ... of this many seconds; the rest are counted, then summarised
+GUEST_LOG_BURST = 10       # guest-error messages of one rule logged at first, then ...
+GUEST_LOG_INTERVAL = 1.0   # ... one per this many seconds, with a count of those dropped
 
 #: a queue handler: (queue, guest memory) -> True if it stopped with work left
 Handler = Callable[[VirtQueue, GuestMemory], bool]
@@ -51,32 +52,27 @@ class DeviceEvent:
 
 
 class GuestLog:
-    """Rate-limited logging of guest errors, per rule name: a guest that repeats the same
-    mistake in a loop costs at most :data:`GUEST_LOG_BURST` lines per :data:`GUEST_LOG_WINDOW`
-    seconds and rule, plus one line saying how many were suppressed."""
+    """Guest errors logged as ``rule: message`` lines, rate-limited per rule (the same
+    :class:`~vballoon.ratelimit.RuleRateLimit` the vhost layers use): a guest that repeats a
+    mistake in a loop costs a few lines, then one line a second saying how many were dropped."""
 
     def __init__(self, logger: logging.Logger, *, burst: int = GUEST_LOG_BURST,
-                 window: float = GUEST_LOG_WINDOW,
+                 interval: float = GUEST_LOG_INTERVAL,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.logger, self.burst, self.window, self.clock = logger, burst, window, clock
-        self._seen: dict[str, list[float | int]] = {}     # rule -> [window start, logged, dropped]
-        self.suppressed = 0                                # messages not logged, all rules
+        self.logger = logger
+        self.limit = RuleRateLimit(burst, interval, clock=clock)
+
+    @property
+    def suppressed(self) -> int:
+        """Messages not logged so far, all rules."""
+        return self.limit.suppressed
 
     def __call__(self, level: int, rule: str, msg: str, *args: object) -> None:
-        now = self.clock()
-        st = self._seen.get(rule)
-        if st is None or now - st[0] >= self.window:
-            if st is not None and st[2]:
-                self.logger.log(level, "%s: %d similar message(s) suppressed", rule, st[2])
-            if len(self._seen) > 256:          # rules are a fixed set; bound it anyway
-                self._seen.clear()
-            st = self._seen[rule] = [now, 0, 0]
-        if st[1] < self.burst:
-            st[1] += 1
-            self.logger.log(level, f"{rule}: {msg}", *args)
-        else:
-            st[2] += 1
-            self.suppressed += 1
+        dropped = self.limit.admit((self.logger.name, rule))
+        if dropped is None:
+            return
+        more = f" [{dropped} more like this suppressed]" if dropped else ""
+        self.logger.log(level, f"{rule}: {msg}{more}", *args)
 
     def error(self, rule: str, msg: str, *args: object) -> None:
         self(logging.ERROR, rule, msg, *args)

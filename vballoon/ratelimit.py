@@ -26,17 +26,11 @@ class RuleRateLimit(logging.Filter):
         # (logger, rule) -> [count, last passed, suppressed since, last seen]
         self._seen: dict[tuple[str, str], list] = {}
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
-            return True
-        try:
-            text = record.getMessage()
-        except Exception:
-            return True
-        m = _RULE.match(text)
-        if m is None:
-            return True
-        key = (record.name, m.group(1))
+        self.suppressed = 0            # records dropped, all rules
+
+    def admit(self, key: tuple[str, str]) -> int | None:
+        """One more message of ``key`` (logger, rule): None if it is to be dropped, else how
+        many like it were dropped since the last one that passed."""
         now = self.clock()
         st = self._seen.get(key)
         if st is None or now - st[3] >= self.quiet:
@@ -47,14 +41,31 @@ class RuleRateLimit(logging.Filter):
         st[3] = now
         if st[0] <= self.burst:
             st[1] = now
-            return True
+            return 0
         if now - st[1] >= self.interval:
-            if st[2]:
-                record.msg, record.args = f"{text} [{st[2]} more like this suppressed]", None
+            dropped = st[2]
             st[1], st[2] = now, 0
-            return True
+            return dropped
         st[2] += 1
-        return False
+        self.suppressed += 1
+        return None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        try:
+            text = record.getMessage()
+        except Exception:
+            return True
+        m = _RULE.match(text)
+        if m is None:
+            return True
+        dropped = self.admit((record.name, m.group(1)))
+        if dropped is None:
+            return False
+        if dropped:
+            record.msg, record.args = f"{text} [{dropped} more like this suppressed]", None
+        return True
 
 
 PEER_LOGGERS = ("vballoon.vhost.session", "vballoon.vhost.transport", "vballoon.virtio.virtqueue")
