@@ -10,7 +10,6 @@ from vballoon.app.daemon import Daemon
 from vballoon.sim import Frontend, GuestRam
 from vballoon.sim.guest import BalloonGuest
 from vballoon.sim.scanner import BuddyModel
-from vballoon.testing.rigs import mapped  # noqa: F401  (re-exported for the tests)
 
 MiB, GiB = 1 << 20, 1 << 30
 

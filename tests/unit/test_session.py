@@ -8,55 +8,15 @@ import pytest
 from vballoon.devices.balloon.device import Balloon
 from vballoon.errors import FrontendError
 from vballoon.sim import GuestRam
-from vballoon.vhost.session import (F_PROTOCOL_FEATURES, PROTOCOL_FEATURES, Close, CloseFds,
-                                    Message, Session, SetBackendChannel, Unwatch, Watch)
+from vballoon.testing.rigs import SessionRig
+from vballoon.vhost.session import F_PROTOCOL_FEATURES, Close, CloseFds, Session, Unwatch, Watch
 from vballoon.wire import C, CONFIG, HEADER, MEM_REGION, MEMORY, U64, VRING_ADDR, VRING_STATE
 
 NEED = C.VHOST_USER_VERSION | C.VHOST_USER_NEED_REPLY_MASK
 V1 = C.VHOST_USER_VERSION
 
 
-class Harness:
-    """The session with the few actions a test of fds needs carried out (as the transport
-    would): CloseFds closes, a backend channel is kept until the end."""
-
-    def __init__(self):
-        self.actions = []
-        self.device = Balloon()
-        self.owned = []
-        self.s = Session(self.device, self.apply)
-
-    def apply(self, action):
-        self.actions.append(action)
-        if isinstance(action, CloseFds):
-            for fd in action.fds:
-                os.close(fd)
-        elif isinstance(action, SetBackendChannel):
-            self.owned.append(action.fd)
-
-    def kinds(self):
-        return [type(a) for a in self.actions]
-
-    def close(self):
-        self.s.close()
-        for fd in self.owned:
-            os.close(fd)
-        self.owned.clear()
-
-    def send(self, request, payload=b"", fds=(), flags=V1):
-        return self.s.handle(Message(request, flags, payload, list(fds)))
-
-    def reply_payload(self, reply, request):
-        req, flags, size = HEADER.unpack_from(reply)
-        assert (req, flags, size) == (request, 0x5, len(reply) - 12)
-        return reply[12:]
-
-    def ack(self, request, payload=b"", fds=()):
-        reply = self.send(request, payload, fds, flags=NEED)
-        return U64.unpack(self.reply_payload(reply, request))[0]
-
-    def negotiate(self):
-        self.send(C.VHOST_USER_SET_PROTOCOL_FEATURES, U64.pack(PROTOCOL_FEATURES))
+Harness = SessionRig
 
 
 @pytest.fixture
@@ -264,12 +224,14 @@ def test_kick_on_a_ring_not_set_up_is_logged_and_ignored(h, caplog):
     assert "kick-before-setup" in caplog.text
 
 
-def test_get_config_returns_the_16_byte_balloon_config(h):
+def test_get_config_returns_the_16_byte_balloon_config():
+    h = Harness(Balloon())
     h.device.num_pages = 1234
     reply = h.reply_payload(h.send(C.VHOST_USER_GET_CONFIG, CONFIG.pack(0, 16, 0) + bytes(16)),
                             C.VHOST_USER_GET_CONFIG)
     assert CONFIG.unpack_from(reply) == (0, 16, 0)
     assert int.from_bytes(reply[12:16], "little") == 1234
+    h.close()
 
 
 def test_get_config_beyond_the_config_space_gets_an_empty_reply(h, caplog):

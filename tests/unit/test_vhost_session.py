@@ -13,52 +13,16 @@ import pytest
 from vballoon.devices.balloon.device import Balloon
 from vballoon.sim import DriverQueue, GuestRam
 from vballoon.vhost.fds import signal_eventfd
-from vballoon.vhost.session import (PROTOCOL_FEATURES, F_PROTOCOL_FEATURES, Close, CloseFds,
-                                    Message, Resume, Session, SetBackendChannel, Signal, Unwatch,
-                                    Watch)
+from vballoon.testing.rigs import SessionRig
+from vballoon.vhost.session import F_PROTOCOL_FEATURES, CloseFds, Resume, Signal, Unwatch, Watch
 from vballoon.virtio.device import Device
-from vballoon.wire import C, HEADER, MEM_REGION, MEMORY, U64, VRING_ADDR, VRING_STATE
+from vballoon.wire import C, MEM_REGION, MEMORY, U64, VRING_ADDR, VRING_STATE
 
 NEED = C.VHOST_USER_VERSION | C.VHOST_USER_NEED_REPLY_MASK
 V1 = C.VHOST_USER_VERSION
 
 
-class Harness:
-    def __init__(self, device=None):
-        self.actions = []
-        self.device = device or Balloon()
-        self.owned = []
-        self.s = Session(self.device, self.apply)
-
-    def apply(self, action):
-        self.actions.append(action)
-        if isinstance(action, CloseFds):
-            for fd in action.fds:
-                os.close(fd)           # raises if an fd is closed twice: exactly once
-        elif isinstance(action, SetBackendChannel):
-            self.owned.append(action.fd)
-        elif isinstance(action, Signal):
-            signal_eventfd(action.fd)
-
-    def send(self, request, payload=b"", fds=(), flags=V1):
-        return self.s.handle(Message(request, flags, payload, list(fds)))
-
-    def ack(self, request, payload=b"", fds=()):
-        reply = self.send(request, payload, fds, flags=NEED)
-        assert HEADER.unpack_from(reply) == (request, 0x5, 8)
-        return U64.unpack_from(reply, 12)[0]
-
-    def negotiate(self):
-        self.send(C.VHOST_USER_SET_PROTOCOL_FEATURES, U64.pack(PROTOCOL_FEATURES))
-
-    def closed(self):
-        return any(isinstance(a, Close) for a in self.actions)
-
-    def close(self):
-        self.s.close()
-        for fd in self.owned:
-            os.close(fd)
-        self.owned.clear()
+Harness = SessionRig
 
 
 @pytest.fixture
@@ -393,11 +357,12 @@ _SIGBUS_SCRIPT = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {tests!r})
     from test_vhost_session import Harness, table_of, eventfd
+    from vballoon.devices.balloon import Balloon
     from vballoon.sim import DriverQueue, GuestRam
     from vballoon.vhost.session import Close
     from vballoon.wire import C, U64, VRING_ADDR, VRING_STATE
 
-    x = Harness()
+    x = Harness(Balloon())
     ram = GuestRam(4 << 20)
     x.send(C.VHOST_USER_SET_FEATURES, U64.pack(1 << 32 | 1 << C.VIRTIO_BALLOON_F_STATS_VQ))
     x.send(C.VHOST_USER_SET_MEM_TABLE, table_of(ram), [os.dup(ram.fd)])

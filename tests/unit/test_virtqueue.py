@@ -1,36 +1,17 @@
 """Split virtqueue, device side: chain walking, hostile chains, used ring, EVENT_IDX."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from vbtest import mapped
 from vballoon.errors import GuestError, GuestMemoryError
-from vballoon.sim import DriverQueue, GuestRam
+from vballoon.sim import GuestRam
+from vballoon.testing.rigs import mapped, queue_pair
 from vballoon.virtio._vring import ffi
 from vballoon.virtio.virtqueue import VirtQueue
 from vballoon.wire import C
 
 NEXT, WRITE, INDIRECT = C.VRING_DESC_F_NEXT, C.VRING_DESC_F_WRITE, C.VRING_DESC_F_INDIRECT
-
-
-@contextmanager
-def queue_pair(ram, num=8, indirect=True):
-    """A driver-side queue in ``ram`` and the device's VirtQueue on the same rings."""
-    mem = mapped(ram)
-    dq = DriverQueue(ram, 0, num)
-    vq = VirtQueue(0)
-    vq.num, vq.indirect = num, indirect
-    vq.desc_addr, vq.avail_addr, vq.used_addr = ram.uva(dq.desc), ram.uva(dq.avail), ram.uva(dq.used)
-    vq.attach(mem)
-    try:
-        yield mem, dq, vq
-    finally:
-        vq.detach()
-        dq.close()
-        mem.close()
 
 
 @pytest.fixture
