@@ -20,12 +20,13 @@ def _path_in_use(path: str) -> bool:
         probe.close()
 
 
-def listen_unix(path: str, mode: int | None = None) -> socket.socket:
+def listen_unix(path: str, mode: int | None = None, group: int | None = None) -> socket.socket:
     """Bind, listen, then rename into place: the path only ever names a listening socket.
 
     With ``mode`` the socket file is born with it (masked by the umask): Linux gives the file
-    the mode of the socket's inode, which fchmod sets before bind.  Refuses a path that
-    another process serves, or that is not a socket.
+    the mode of the socket's inode, which fchmod sets before bind.  With ``group`` the file
+    gets that group id (and ``mode`` exactly, umask or not) while it still has its temporary
+    name.  Refuses a path that another process serves, or that is not a socket.
     """
     try:
         st = os.lstat(path)
@@ -47,6 +48,10 @@ def listen_unix(path: str, mode: int | None = None) -> socket.socket:
         if mode is not None:
             os.fchmod(sock.fileno(), mode)
         sock.bind(tmp)
+        if group is not None:
+            os.chown(tmp, -1, group)
+        if mode is not None and group is not None:
+            os.chmod(tmp, mode)
         sock.listen(4)
         os.rename(tmp, path)
     except OSError as e:

@@ -80,6 +80,27 @@ def _fd(text: str) -> int:
     return value
 
 
+def _mode(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode (e.g. 0660)") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r}: a mode is 0 to 0777")
+    return value
+
+
+def _group(text: str) -> int:
+    import grp
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        pass
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r} is not a group name or id on this host")
+
+
 def _common() -> argparse.ArgumentParser:
     """Options every subcommand accepts, before or after its name."""
     p = argparse.ArgumentParser(add_help=False)
@@ -96,6 +117,12 @@ def add_serve_options(s: argparse.ArgumentParser) -> None:
                        help="serve an already listening Unix socket inherited as this fd "
                        "(from libvirt, a jailer, a test harness); systemd socket activation "
                        "(LISTEN_FDS) is used by itself when present")
+    s.add_argument("--socket-group", type=_group, metavar="GROUP",
+                   help="group of the socket made with --socket-path (name or id), so that "
+                   "QEMU running as another user can connect")
+    s.add_argument("--socket-mode", type=_mode, metavar="MODE",
+                   help="mode of the socket made with --socket-path, octal (e.g. 0660); "
+                   "default: from the umask")
     s.add_argument("--print-capabilities", action="store_true",
                    help="print the back-end's capabilities as JSON (QEMU's vhost-user.json) "
                    "and exit")
@@ -167,6 +194,10 @@ def check_serve_args(args: argparse.Namespace) -> None:
     if args.socket_path is None and args.fd is None and "LISTEN_FDS" not in os.environ:
         raise ConfigError("socket-missing", "give --socket-path PATH or --fd FDNUM (or start "
                           "under systemd socket activation)")
+    if args.socket_path is None and (args.socket_group is not None or
+                                     args.socket_mode is not None):
+        raise ConfigError("socket-options", "--socket-group and --socket-mode apply to the "
+                          "socket made with --socket-path, not to an inherited one")
     for opt, path in (("--socket-path", args.socket_path), ("--control-socket",
                                                              args.control_socket)):
         if path is not None:
@@ -185,7 +216,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     check_serve_args(args)
     from vballoon.app.daemon import serve
-    asyncio.run(serve(args.socket_path, features=_features(args.feature),
+    asyncio.run(serve(args.socket_path, fd=args.fd, socket_mode=args.socket_mode,
+                      socket_group=args.socket_group, features=_features(args.feature),
                       stats_interval=args.stats_interval, control_path=args.control_socket,
                       export_dir=args.export_dir))
     return 0

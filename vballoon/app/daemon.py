@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from typing import TYPE_CHECKING, Any, Iterable
 
+from vballoon.app.activation import listener_from_fd, notify, systemd_listener
 from vballoon.app.service import BalloonService
 from vballoon.devices.balloon import Balloon
-from vballoon.errors import VballoonError
+from vballoon.errors import ConfigError, VballoonError
 from vballoon.vhost.transport import Server
 from vballoon.virtio.device import Device, DeviceEvent
 
@@ -39,11 +41,15 @@ class Daemon:
 
     def __init__(self, socket_path: str, device: Device | None = None, *,
                  features: Iterable[str] | None = None, stats_interval: float = 5.0,
-                 control_path: str | None = None, export_dir: str | None = None) -> None:
+                 control_path: str | None = None, export_dir: str | None = None,
+                 listen_sock: socket.socket | None = None, socket_mode: int | None = None,
+                 socket_group: int | None = None) -> None:
         if device is None:
             device = Balloon(features, stats_interval=stats_interval)
         self.device = device
         self.socket_path = socket_path
+        self.listen_sock = listen_sock          # inherited (--fd, systemd); else made here
+        self.socket_mode, self.socket_group = socket_mode, socket_group
         self.control_path = control_path
         self.export_dir = export_dir
         self.server: Server | None = None
@@ -65,7 +71,8 @@ class Daemon:
     # -- life cycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.server = Server(self.socket_path, self.device)
+        self.server = Server(self.socket_path, self.device, sock=self.listen_sock,
+                             mode=self.socket_mode, group=self.socket_group)
         self.server.on_activity = self.rearm
         self.supervise(self.server.start(), "vhost-user accept loop")
         if self.control_path is not None:
@@ -169,16 +176,35 @@ class Daemon:
         return self.server is not None and self.server.driver_attached
 
 
-async def serve(socket_path: str, **kw: Any) -> None:
-    """Run until SIGTERM or SIGINT; the sockets are removed on the way out."""
-    daemon = Daemon(socket_path, **kw)
-    await daemon.start()
+async def serve(socket_path: str | None, *, fd: int | None = None, **kw: Any) -> None:
+    """Run until SIGTERM or SIGINT; the sockets made here are removed on the way out.
+
+    The vhost-user socket is the one systemd passed (``LISTEN_FDS``), else the inherited
+    ``fd``, else a new one at ``socket_path``.  Readiness and stopping are told to the service
+    manager when there is one (``NOTIFY_SOCKET``)."""
+    listener = systemd_listener()
+    if listener is None and fd is not None:
+        listener = listener_from_fd(fd)
+    if listener is not None:
+        name = listener.getsockname()
+        socket_path = name if isinstance(name, str) and name else f"fd {listener.fileno()}"
+    if socket_path is None:
+        raise ConfigError("socket-missing", "no vhost-user socket: give --socket-path or --fd")
+    daemon = Daemon(socket_path, listen_sock=listener, **kw)
+    try:
+        await daemon.start()
+    except BaseException:
+        if listener is not None:
+            listener.close()
+        raise
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop)
     print(f"vballoon: ready on {socket_path}", flush=True)
+    notify(f"READY=1\nSTATUS=serving {socket_path}")
     try:
         await daemon.wait()
         log.info("stopping")
     finally:
+        notify("STOPPING=1")
         await daemon.close()

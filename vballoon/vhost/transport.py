@@ -269,10 +269,19 @@ class Server:
     daemon re-arms its deadline timer there.  A plain attribute; a no-op by default.
     """
 
-    def __init__(self, path: str, device: Device) -> None:
+    def __init__(self, path: str | None, device: Device, *, sock: socket.socket | None = None,
+                 mode: int | None = None, group: int | None = None) -> None:
+        """Listen on ``path`` (made here with ``mode`` and ``group``, removed at
+        :meth:`close`), or serve ``sock``, a listening socket made by someone else (``--fd``,
+        systemd): then nothing is removed."""
         self.path = path
         self.device = device
-        self.sock = listen_unix(path)
+        self._owns_path = sock is None
+        if sock is None:
+            if path is None:
+                raise ValueError("Server needs a path or a listening socket")
+            sock = listen_unix(path, mode, group)
+        self.sock = sock
         self.connection: Connection | None = None
         self.connections_served = 0
         self.connections_refused = 0
@@ -363,8 +372,8 @@ class Server:
             self.connection.close()
         self.sock.close()
         self._remove_rate_limit()
-        try:
-            if os.path.exists(self.path):
+        if self._owns_path and self.path is not None:
+            try:
                 os.unlink(self.path)
-        except OSError:
-            pass
+            except OSError:
+                pass
