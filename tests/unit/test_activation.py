@@ -78,3 +78,26 @@ def test_notify_sends_the_state(tmp_path):
 def test_notify_without_a_manager_or_with_a_dead_one():
     assert not notify("READY=1", {})
     assert not notify("READY=1", {"NOTIFY_SOCKET": "/nonexistent/notify"})
+
+
+def test_systemd_units_verify(tmp_path):
+    """The shipped template units pass `systemd-analyze verify` (ExecStart pointed at this
+    installation's vballoon)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed")
+    src = Path(__file__).parents[2] / "examples" / "systemd"
+    exe = str(Path(sys.executable).parent / "vballoon")
+    for name in ("vballoon@.socket", "vballoon@.service"):
+        text = (src / name).read_text().replace("/usr/local/bin/vballoon", exe)
+        (tmp_path / name.replace("@", "@guest1")).write_text(text)
+        (tmp_path / name).write_text(text)
+    p = subprocess.run([tool, "verify", "--man=no", str(tmp_path / "vballoon@guest1.service"),
+                        str(tmp_path / "vballoon@guest1.socket")], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "Unknown" not in p.stderr and "Invalid" not in p.stderr, p.stderr
