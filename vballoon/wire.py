@@ -91,7 +91,7 @@ class Layout:
         self.fixed_size = pos
         fmt += "x" * (self.size - pos) if names and len(names) == len(ctype.fields) else ""
         self.struct = struct.Struct(fmt)
-        self.tuple: type[NamedTuple] = NamedTuple(tag, [(n, int) for n in names])  # type: ignore[misc]
+        self.tuple: Any = NamedTuple(tag, [(n, int) for n in names])  # type: ignore[misc]
 
     def unpack_from(self, buf: Any, offset: int = 0) -> Any:
         return self.tuple._make(self.struct.unpack_from(buf, offset))

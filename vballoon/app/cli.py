@@ -101,9 +101,9 @@ def _group(text: str) -> int:
     raise argparse.ArgumentTypeError(f"{text!r} is not a group name or id on this host")
 
 
-def _common() -> argparse.ArgumentParser:
+def _common() -> "_Parser":
     """Options every subcommand accepts, before or after its name."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = _Parser(add_help=False)
     p.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS,
                    help=f"default: ${LOG_ENV}, else info for serve, warning otherwise")
     return p

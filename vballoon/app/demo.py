@@ -15,6 +15,8 @@ import time
 import numpy as np
 
 from vballoon.app.daemon import Daemon
+from vballoon.app.service import BalloonService
+from vballoon.devices.balloon import Balloon
 from vballoon.fpmap.export import read_export, write_export
 from vballoon.fpmap.picture import render_png
 from vballoon.sim import Frontend, GuestRam
@@ -45,19 +47,22 @@ async def run_demo(mem_bytes: int = 8 << 30, *, seed: int = 2, out: str = "vball
     print(f"vballoon demo: a {format_size(mem_bytes)} guest (RAM {layout}) right after a "
           "memory-hungry workload exited")
     with tempfile.TemporaryDirectory(prefix="vballoon-demo-") as tmp:
-        daemon = Daemon(os.path.join(tmp, "vb.sock"), stats_interval=0)
+        device = Balloon(stats_interval=0)
+        daemon = Daemon(os.path.join(tmp, "vb.sock"), device)
+        service = daemon.service
+        assert service is not None          # the balloon's service comes with the balloon
         await daemon.start()
         ram = GuestRam(model.layout)
         fe = await Frontend.connect(daemon.socket_path)
         try:
-            await fe.init(daemon.device.max_queues())
+            await fe.init(device.max_queues())
             guest = BalloonGuest(fe, ram, driver_at=16 * MiB, driver_bytes=4 * MiB)
             await guest.probe()
             print(f"daemon on {daemon.socket_path}; loopback front-end attached (vhost-user, "
                   f"memfd guest RAM, eventfds); the guest acked features "
-                  f"{guest.acked:#x}: queues {', '.join(daemon.device.queue_names)}")
-            await _inflate(daemon, guest, ram)
-            await _round(daemon, guest, model, out)
+                  f"{guest.acked:#x}: queues {', '.join(device.queue_names)}")
+            await _inflate(device, service, guest, ram)
+            await _round(device, service, guest, model, out)
         finally:
             await fe.close()
             guest.close()
@@ -66,26 +71,28 @@ async def run_demo(mem_bytes: int = 8 << 30, *, seed: int = 2, out: str = "vball
     return 0
 
 
-async def _inflate(daemon: Daemon, guest: BalloonGuest, ram: GuestRam) -> None:
+async def _inflate(device: Balloon, service: BalloonService, guest: BalloonGuest,
+                   ram: GuestRam) -> None:
     """Balloon 64 MiB of pages the guest had used, and show the memfd giving them back."""
     pages = (64 * MiB) // FRAME
     for pfn in guest.pool[:pages]:
         ram.at(pfn * FRAME, 8)[:] = b"usedpage"          # the guest's data: backed pages
     before = ram.allocated_bytes
-    daemon.service.balloon(daemon.service.ram_bytes() - 64 * MiB)
+    service.balloon(service.ram_bytes() - 64 * MiB)
     await guest.fe.wait_config_change()
     await guest.balance()
-    c = daemon.device.counters
-    print(f"balloon: target {format_size(daemon.service.logical_size())} reached; guest RAM backing fell by "
+    c = device.counters
+    print(f"balloon: target {format_size(service.logical_size())} reached; guest RAM backing fell by "
           f"{format_size(before - ram.allocated_bytes)} in {c.discard_calls} discard calls "
           f"(one per contiguous range)")
 
 
-async def _round(daemon: Daemon, guest: BalloonGuest, model: BuddyModel, out: str) -> None:
+async def _round(device: Balloon, service: BalloonService, guest: BalloonGuest,
+                 model: BuddyModel, out: str) -> None:
     t0 = time.perf_counter()
-    r = daemon.device.start_round("bitmap")
+    r = device.start_round("bitmap")
     chunks = await guest.answer_bitmap_request(model)
-    info = (await daemon.service.wait_round(r.id, timeout=10)).to_qmp()
+    info = (await service.wait_round(r.id, timeout=10)).to_qmp()
     elapsed = time.perf_counter() - t0
     ranges = r.map.ranges()
     ram = info["ram-pages"] * FRAME
@@ -101,7 +108,7 @@ async def _round(daemon: Daemon, guest: BalloonGuest, model: BuddyModel, out: st
     back = read_export(res.path)
     assert back.ranges.shape == ranges.shape, "the export does not read back"
     png = os.path.abspath(os.path.join(out, f"round-{r.id}.png"))
-    render_png(r.map, daemon.device.ballooned_bitmap(r.map.max_pfn), png, width=1024,
+    render_png(r.map, device.ballooned_bitmap(r.map.max_pfn), png, width=1024,
                title=f"round {r.id}: {format_size(free)} free of {format_size(ram)}")
     print(f"  map written: {res.path} ({res.bytes:,} bytes, {res.ranges:,} ranges; "
           f"protocol/export-format.md), picture {png}")

@@ -428,9 +428,9 @@ class FreePageMap:
         for (g0, s0, _, i0), (g1, _, _, i1) in zip(regs, regs[1:]):
             if g0 + s0 > g1:
                 raise ConfigError("fpmap-regions", f"regions {i0} and {i1} overlap")
-        r = self.ranges()
-        start = r[:, 0] << PAGE_SHIFT
-        end = start + (r[:, 1] << PAGE_SHIFT)
+        runs = self.ranges()
+        start = runs[:, 0] << PAGE_SHIFT
+        end = start + (runs[:, 1] << PAGE_SHIFT)
         parts = []
         for g, s, off, i in regs:
             a = int(np.searchsorted(end, g, side="right"))

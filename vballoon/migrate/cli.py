@@ -5,11 +5,10 @@ import argparse
 import asyncio
 import json
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 
-def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
-               parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     m = sub.add_parser(
         "migrate", parents=list(parents), help="live-migrate a QEMU guest, skipping the pages the guest reports free",
         description="Source: vballoon migrate --qmp SRC.qmp --control SRC-ctl.sock --to HOST:PORT. "

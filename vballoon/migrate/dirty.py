@@ -70,13 +70,13 @@ def writable_mappings(ram_path: str | os.PathLike[str], *, pids: list[int] | Non
         if key not in data:  # the common case: the process does not map the file at all
             continue
         for line in data.decode(errors="replace").splitlines():
-            f = line.split(maxsplit=5)
-            if len(f) < 5 or f"{f[3]} {f[4]}" != dev_ino:
+            cols = line.split(maxsplit=5)
+            if len(cols) < 5 or f"{cols[3]} {cols[4]}" != dev_ino:
                 continue
-            if "w" not in f[1] or "s" not in f[1]:
+            if "w" not in cols[1] or "s" not in cols[1]:
                 continue
-            lo, hi = (int(x, 16) for x in f[0].split("-"))
-            found.append(Mapping(pid, lo, hi, int(f[2], 16)))
+            lo, hi = (int(x, 16) for x in cols[0].split("-"))
+            found.append(Mapping(pid, lo, hi, int(cols[2], 16)))
     return found
 
 

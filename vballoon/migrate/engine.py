@@ -522,7 +522,7 @@ async def _roll_back(qmp: QMP, spec: DeviceSpec | None, chan: S.Channel | None, 
         say(f"roll-back incomplete: {e}")
 
 
-async def _restore_target(control: str, target: int, *, timeout: float) -> None:
+async def _restore_target(control: str, target: int | None, *, timeout: float) -> None:
     """Wait for the guest driver to bind to the (re-plugged) device, then set the balloon target."""
     from vballoon.control.client import AsyncClient, QMPCommandError
     deadline = time.monotonic() + timeout

@@ -32,6 +32,12 @@ def used_size(num: int) -> int:
 UVA_BASE = 0x7F12_3400_0000     # where "the front-end" pretends to have mapped guest RAM
 
 
+def wake(fut: "asyncio.Future[None]") -> None:
+    """Resolve ``fut`` unless it is already done (a reader or writer callback)."""
+    if not fut.done():
+        fut.set_result(None)
+
+
 class Region(NamedTuple):
     """One entry of the memory table the front-end sends (VhostUserMemoryRegion)."""
 
@@ -199,7 +205,7 @@ class DriverQueue:
             if left <= 0:
                 raise TimeoutError(f"queue {self.index}: {len(got)} of {n} chains used")
             fut = loop.create_future()
-            loop.add_reader(self.call_fd, lambda: fut.done() or fut.set_result(None))
+            loop.add_reader(self.call_fd, wake, fut)
             try:
                 await asyncio.wait_for(fut, left)
             except asyncio.TimeoutError:

@@ -18,7 +18,7 @@ import os
 import socket
 from typing import NamedTuple, Sequence
 
-from vballoon.sim.driver import DriverQueue, GuestRam
+from vballoon.sim.driver import DriverQueue, GuestRam, wake
 from vballoon.wire import C, CONFIG, HEADER, MEM_REGION, MEMORY, U64, VRING_ADDR, VRING_STATE
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ async def _recv_exact(sock: socket.socket, n: int, fds: list[int]) -> bytes:
                                                 socket.CMSG_SPACE(MAX_FDS * 4))
         except (BlockingIOError, InterruptedError):
             ready = loop.create_future()
-            loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+            loop.add_reader(sock.fileno(), wake, ready)
             try:
                 await ready
             finally:
@@ -94,7 +94,7 @@ async def send_message(sock: socket.socket, data: bytes, fds: Sequence[int] = ()
             sent = sock.sendmsg([view], anc)
         except (BlockingIOError, InterruptedError):
             ready = loop.create_future()
-            loop.add_writer(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+            loop.add_writer(sock.fileno(), wake, ready)
             try:
                 await ready
             finally:

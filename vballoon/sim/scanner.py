@@ -121,9 +121,9 @@ class BuddyModel:
                 pfn.append(p)
                 npages.append(np.full(len(p), 1 << order, dtype=np.int64))
         p, n = np.concatenate(pfn), np.concatenate(npages)
-        order = np.argsort(p, kind="stable")
+        by_pfn = np.argsort(p, kind="stable")
         #: every free block, sorted by pfn: start pfns and lengths in pages
-        self.block_pfn, self.block_pages = p[order], n[order]
+        self.block_pfn, self.block_pages = p[by_pfn], n[by_pfn]
         ends = self.block_pfn + self.block_pages
         if (ends[:-1] > self.block_pfn[1:]).any():
             raise ConfigError("scanner-block", "free blocks overlap")
@@ -211,7 +211,7 @@ class BuddyModel:
             keep = a < b
             pfn, order = buddy_blocks(a[keep], b[keep])
             mtype = pb_type[pfn >> PAGEBLOCK_ORDER]
-            area = {}
+            area: dict[tuple[int, str], Any] = {}
             for o in range(MAX_ORDER):
                 for t in range(len(MIGRATE_TYPES)):
                     sel = pfn[(order == o) & (mtype == t)]

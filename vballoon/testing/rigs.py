@@ -11,14 +11,15 @@ from vballoon.vhost.fds import signal_eventfd
 from vballoon.vhost.session import (PROTOCOL_FEATURES, Close, CloseFds, Message, Session,
                                     SetBackendChannel, Signal)
 from vballoon.virtio.device import Device
-from vballoon.virtio.memory import GuestMemory
+from vballoon.virtio.memory import GuestMemory, RegionSpec
 from vballoon.virtio.virtqueue import VirtQueue
 from vballoon.wire import C, HEADER, U64
 
 
 def mapped(ram: GuestRam) -> GuestMemory:
     """The daemon's view of ``ram``, as SET_MEM_TABLE would build it."""
-    return GuestMemory.map(ram.regions, [os.dup(ram.fd) for _ in ram.regions])
+    return GuestMemory.map([RegionSpec(*r) for r in ram.regions],
+                           [os.dup(ram.fd) for _ in ram.regions])
 
 
 @contextmanager

@@ -32,6 +32,11 @@ from vballoon.wire import C, HEADER
 
 log = logging.getLogger(__name__)
 
+
+def _wake(fut: "asyncio.Future[None]") -> None:
+    if not fut.done():
+        fut.set_result(None)
+
 _FD_SIZE = array.array("i").itemsize
 # Room for exactly the fds a message may carry: with more, the kernel truncates the list and
 # sets MSG_CTRUNC, and the connection is closed (the message cannot be trusted whole).
@@ -110,7 +115,7 @@ async def send_message(sock: socket.socket, data: bytes, fds: list[int] | tuple[
             sent = sock.sendmsg([view], anc)
         except (BlockingIOError, InterruptedError):
             fut = loop.create_future()
-            loop.add_writer(sock.fileno(), lambda: fut.done() or fut.set_result(None))
+            loop.add_writer(sock.fileno(), _wake, fut)
             try:
                 await fut
             finally:

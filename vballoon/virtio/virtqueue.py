@@ -194,10 +194,12 @@ class VirtQueue:
             raise GuestError("vring-not-ready", f"queue {self.index} is not set up")
         idx = _LE16.unpack_from(avail, 2)[0]
         pending = (idx - self.last_avail_idx) & 0xFFFF
+        used = self._used
+        assert used is not None
         if pending == 0 and self.event_idx:
             # avail_event (written at each pop) must be visible before avail idx is read again,
             # or a buffer added meanwhile is neither seen nor kicked (Linux vhost: smp_mb()).
-            _LE16.pack_into(self._used, USED_RING + USED_ELEM.size * self.num, self.last_avail_idx)
+            _LE16.pack_into(used, USED_RING + USED_ELEM.size * self.num, self.last_avail_idx)
             _lib.vq_mb()
             idx = _LE16.unpack_from(avail, 2)[0]
             pending = (idx - self.last_avail_idx) & 0xFFFF
@@ -213,7 +215,7 @@ class VirtQueue:
         self._inflight[head] = self._inflight.get(head, 0) + 1
         self._ninflight += 1
         if self.event_idx:   # ask for a kick as soon as the driver adds past this one
-            _LE16.pack_into(self._used, USED_RING + USED_ELEM.size * self.num, self.last_avail_idx)
+            _LE16.pack_into(used, USED_RING + USED_ELEM.size * self.num, self.last_avail_idx)
         return chain
 
     def _walk(self, mem: GuestMemory, head: int) -> Chain:
