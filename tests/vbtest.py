@@ -18,6 +18,17 @@ def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
+def fd_table() -> set[tuple[str, str]]:
+    """(fd, what it points at) for every open fd; the fd listing /proc/self/fd drops out."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.add((fd, os.readlink(f"/proc/self/fd/{fd}")))
+        except OSError:
+            pass
+    return out
+
+
 @asynccontextmanager
 async def attached_guest(daemon: Daemon, mem_bytes: int,
                          seed: int) -> AsyncIterator[tuple[BalloonGuest, BuddyModel]]:

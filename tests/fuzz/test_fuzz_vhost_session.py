@@ -24,6 +24,7 @@ from vballoon.vhost.fds import signal_eventfd
 from vballoon.vhost.session import (Close, CloseFds, Message, Resume, Session,
                                     SetBackendChannel, Signal, Unwatch, Watch)
 from vballoon.wire import C, CONFIG, HEADER, MEM_REGION, MEMORY, U64, VRING_ADDR, VRING_STATE
+from vbtest import fd_table as open_fds
 
 EXAMPLES = int(os.environ.get("VBALLOON_FUZZ_EXAMPLES", "150"))
 RAM = 256 << 10
@@ -31,14 +32,6 @@ V1, NEED = C.VHOST_USER_VERSION, C.VHOST_USER_NEED_REPLY_MASK
 FD_KINDS = ["eventfd", "eventfd", "eventfd_blocking", "pipe", "file", "socket", "memfd", "dir"]
 
 
-def open_fds():
-    out = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            out.add((fd, os.readlink(f"/proc/self/fd/{fd}")))
-        except OSError:
-            pass
-    return out
 
 
 def guest_maps():

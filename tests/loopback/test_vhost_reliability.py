@@ -20,19 +20,12 @@ from vballoon.sim.guest import BalloonGuest
 from vballoon.vhost.transport import Server
 from vballoon.virtio.device import Device
 from vballoon.wire import C, HEADER, MEM_REGION, MEMORY, U64
+from vbtest import fd_table as open_fds
 
 V1 = C.VHOST_USER_VERSION
 NEED = V1 | C.VHOST_USER_NEED_REPLY_MASK
 
 
-def open_fds():
-    out = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            out.add((fd, os.readlink(f"/proc/self/fd/{fd}")))
-        except OSError:
-            pass
-    return out
 
 
 async def until(cond, timeout=5.0):

@@ -17,6 +17,7 @@ from vballoon.testing.rigs import SessionRig
 from vballoon.vhost.session import F_PROTOCOL_FEATURES, CloseFds, Resume, Signal, Unwatch, Watch
 from vballoon.virtio.device import Device
 from vballoon.wire import C, MEM_REGION, MEMORY, U64, VRING_ADDR, VRING_STATE
+from vbtest import fd_table as open_fds
 
 NEED = C.VHOST_USER_VERSION | C.VHOST_USER_NEED_REPLY_MASK
 V1 = C.VHOST_USER_VERSION
@@ -32,15 +33,6 @@ def h():
     x.close()
 
 
-def open_fds():
-    """The open fds (the one listing /proc/self/fd itself excluded)."""
-    out = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            out.add((fd, os.readlink(f"/proc/self/fd/{fd}")))
-        except OSError:
-            pass
-    return out
 
 
 def eventfd(flags=os.EFD_NONBLOCK):
@@ -355,7 +347,7 @@ def test_item1_more_work_is_asked_for_not_looped():
 
 _SIGBUS_SCRIPT = textwrap.dedent("""
     import os, sys
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, os.path.dirname({tests!r})]
     from test_vhost_session import Harness, table_of, eventfd
     from vballoon.devices.balloon import Balloon
     from vballoon.sim import DriverQueue, GuestRam
