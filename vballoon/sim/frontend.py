@@ -199,6 +199,9 @@ class Frontend:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 await self.write(C.VHOST_USER_SET_BACKEND_REQ_FD, fds=[theirs.fileno()])
+            except BaseException:
+                ours.close()
+                raise
             finally:
                 theirs.close()
             ours.setblocking(False)
