@@ -53,6 +53,7 @@ async def test_qemu_killed_ten_times_mid_session(lab, make_guest, tmp_path, qemu
                 await asyncio.wait_for(_until(lambda: daemon.server.driver_attached), 30)
                 daemon.service.balloon(daemon.service.ram_bytes() - 16 * MiB)
             await g.kill()
+            await g.close()                # the harness's own logs (not the daemon's fds)
             await asyncio.wait_for(served_and_released(daemon, i + 1), 30)
             assert daemon.server.connections_refused == 0
         # the next QEMU is served completely: its guest balloons to the target the killed
@@ -67,6 +68,7 @@ async def test_qemu_killed_ten_times_mid_session(lab, make_guest, tmp_path, qemu
             await asyncio.sleep(0.1)
         assert (await g.vmstat())["balloon_inflate"] == 8192        # 32 MiB, 4 KiB pages
         await g.kill()
+        await g.close()
         await asyncio.wait_for(served_and_released(daemon, KILLS + 1), 30)
         assert fd_table() == baseline, "fds left after ten killed QEMUs"
         qemu_report.line(f"QEMU killed {KILLS} times mid-session: every next QEMU served, "
