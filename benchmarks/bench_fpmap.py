@@ -2,6 +2,7 @@
 
     python3 benchmarks/bench_fpmap.py              # a 1 TiB guest: 2^28 pfns, a 32 MiB bitmap
     python3 benchmarks/bench_fpmap.py --size 64G   # quick
+    python3 benchmarks/bench_fpmap.py --smoke      # 4 GiB, one repeat (CI: it still runs)
 
 The guest is :meth:`BuddyModel.after_workload` with a flat layout (so 1 TiB is exactly 32 chunks
 of 32 bitmaps of 32 KiB), scanned by the reference scanner into the protocol's chunks once.
@@ -53,12 +54,15 @@ def naive_ranges(words: np.ndarray) -> np.ndarray:
     return np.column_stack((edges[0::2], edges[1::2] - edges[0::2]))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="1T", help="guest RAM (e.g. 64G, 1T)")
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--seed", type=int, default=1)
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="4 GiB, one repeat: checks it runs")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.size, args.repeat = "4G", 1
     size = parse_size(args.size)
 
     t = time.perf_counter()
