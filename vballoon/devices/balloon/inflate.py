@@ -50,23 +50,37 @@ class PageSet:
         return ok
 
     def update(self, pfns: np.ndarray, value: bool) -> np.ndarray:
-        """Add (or remove) valid ``pfns``; returns those whose membership changed."""
-        pfns = np.unique(pfns.astype(np.int64))
+        """Add (or remove) valid ``pfns``; returns those whose membership changed, ascending.
+
+        Vectorised over the whole array (no ``ufunc.at``, nothing per page in Python): the
+        pfns are sorted and deduplicated once, each extent takes its slice by bisection, and
+        the bits of one byte are OR-ed together (``reduceat``) before they are written."""
+        pfns = unique_sorted(pfns)
         changed = []
         for (lo, hi), bits in zip(self.extents, self._bits):
-            p = pfns[(pfns >= lo) & (pfns < hi)] - lo
-            if not p.size:
+            a, b = np.searchsorted(pfns, (lo, hi))
+            if a == b:
                 continue
-            byte, bit = p >> 3, (1 << (p & 7)).astype(np.uint8)
+            p = pfns[a:b] - lo
+            byte = p >> 3
+            bit = np.left_shift(1, (p & 7).astype(np.uint8), dtype=np.uint8)
             was = (bits[byte] & bit) != 0
-            ch = p[was != value]
-            byte, bit = ch >> 3, (1 << (ch & 7)).astype(np.uint8)
+            keep = was != value
+            if not keep.any():
+                continue
+            if not keep.all():
+                p, byte, bit = p[keep], byte[keep], bit[keep]
+            first = np.flatnonzero(np.concatenate(([True], byte[1:] != byte[:-1])))
+            ubyte = byte[first]
+            acc = np.bitwise_or.reduceat(bit, first)
             if value:
-                np.bitwise_or.at(bits, byte, bit)
+                bits[ubyte] |= acc
             else:
-                np.bitwise_and.at(bits, byte, ~bit)
-            changed.append(ch + lo)
-        return np.concatenate(changed) if changed else np.zeros(0, dtype=np.int64)
+                bits[ubyte] &= ~acc
+            changed.append(p + lo)
+        if not changed:
+            return np.zeros(0, dtype=np.int64)
+        return changed[0] if len(changed) == 1 else np.concatenate(changed)
 
     def pfns(self) -> np.ndarray:
         """Every pfn in the set, ascending (int64)."""
@@ -110,44 +124,60 @@ class InflateDeflate:
         self.pages.clear()
         self.dev.counters.inflated_pages = 0
 
-    def _pfns(self, vq: VirtQueue, mem: GuestMemory, chain: Chain, role: str) -> np.ndarray:
-        """The valid le32 PFNs of an inflate/deflate buffer (invalid ones logged, dropped)."""
+    def _raw(self, vq: VirtQueue, mem: GuestMemory, chain: Chain, role: str) -> bytes:
+        """The le32 PFN bytes of an inflate/deflate buffer (a wrong one logged, b"")."""
         glog = self.dev.glog
         if chain.writable:
             glog.error(f"{role}-wrong-direction", "queue %d chain %d has device-writable "
                        "buffers; ignored", vq.index, chain.head)
-            return np.zeros(0, dtype=np.int64)
+            return b""
         data = chain.read(mem, limit=MAX_PFN_BUFFER)
         if len(data) % 4:
             glog.error(f"{role}-length", "queue %d chain %d is %d bytes, not a multiple of 4; "
                        "ignored", vq.index, chain.head, len(data))
-            return np.zeros(0, dtype=np.int64)
+            return b""
+        return data
+
+    def _valid(self, data: bytes, role: str) -> np.ndarray:
+        """The PFNs in ``data`` (le32, any number of buffers concatenated) inside guest RAM;
+        the others are logged and dropped."""
         pfns = np.frombuffer(data, dtype="<u4").astype(np.int64)
         ok = self.pages.valid(pfns)
         if not ok.all():
             bad = pfns[~ok]
-            glog.error(f"{role}-pfn-outside-ram", "%d pfn(s) outside guest RAM (first %#x); "
-                       "ignored", bad.size, int(bad[0]))
+            self.dev.glog.error(f"{role}-pfn-outside-ram", "%d pfn(s) outside guest RAM "
+                                "(first %#x); ignored", bad.size, int(bad[0]))
             pfns = pfns[ok]
         return pfns
 
+    def _pfns(self, vq: VirtQueue, mem: GuestMemory, chain: Chain, role: str) -> np.ndarray:
+        """The valid le32 PFNs of an inflate/deflate buffer (invalid ones logged, dropped)."""
+        return self._valid(self._raw(vq, mem, chain, role), role)
+
     def process_inflate(self, vq: VirtQueue, mem: GuestMemory) -> bool:
-        chains, new = [], []
+        """Every available inflate chain of this call (at most the batch): their PFNs are
+        merged into runs across buffer boundaries, discarded (one call per run and region),
+        and only then are the buffers returned -- the device MAY modify an inflated page once
+        it has seen its PFN (§5.5.6.2.1), and under MUST_TELL_HOST the driver does not touch
+        the pages before the buffer is used.  No buffer is held past this call."""
+        chains, raw = [], []
         batch = ChainBatch(vq, mem)
         try:
             for chain in batch:
                 chains.append(chain)
-                new.append(self.pages.update(self._pfns(vq, mem, chain, "inflate"), True))
+                raw.append(self._raw(vq, mem, chain, "inflate"))
         finally:
-            # Even if a later chain broke the queue: the pages already recorded are
-            # discarded and their buffers returned.
-            pfns = np.concatenate(new) if new else np.zeros(0, dtype=np.int64)
-            self.dev.counters.inflated_pages += int(pfns.size)
-            # The device MAY modify an inflated page once it has seen the PFN
-            # (§5.5.6.2.1): discard before the buffers are returned.
-            self.dev.discard(mem, pfn_runs(pfns))
-            for chain in chains:
-                vq.push(chain, 0)
+            # Even if a later chain broke the queue: the pages already read are recorded,
+            # discarded, and their buffers returned.
+            try:
+                pfns = self._valid(b"".join(raw), "inflate") if raw else None
+                if pfns is not None and pfns.size:
+                    new = self.pages.update(pfns, True)   # ascending, not yet in the balloon
+                    self.dev.counters.inflated_pages += int(new.size)
+                    self.dev.discard(mem, sorted_runs(new))
+            finally:
+                for chain in chains:
+                    vq.push(chain, 0)
         return batch.more
 
     def process_deflate(self, vq: VirtQueue, mem: GuestMemory) -> bool:
@@ -167,11 +197,25 @@ class InflateDeflate:
         return batch.more
 
 
-def pfn_runs(pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unique pfns -> (first pfn, count) of maximal contiguous runs, ascending."""
-    p = np.sort(pfns.astype(np.int64))
+def unique_sorted(pfns: np.ndarray) -> np.ndarray:
+    """``pfns`` as int64, sorted, without duplicates (``np.unique`` without its overheads)."""
+    p = np.sort(np.asarray(pfns).astype(np.int64, copy=False))
+    if p.size > 1:
+        dup = p[1:] == p[:-1]
+        if dup.any():
+            p = p[np.concatenate(([True], ~dup))]
+    return p
+
+
+def sorted_runs(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ascending unique pfns -> (first pfn, count) of maximal contiguous runs."""
     if p.size == 0:
         return p, p
     breaks = np.flatnonzero(np.diff(p) != 1) + 1
     first = np.concatenate(([0], breaks))
     return p[first], np.diff(np.concatenate((first, [p.size])))
+
+
+def pfn_runs(pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique pfns -> (first pfn, count) of maximal contiguous runs, ascending."""
+    return sorted_runs(np.sort(np.asarray(pfns).astype(np.int64)))
