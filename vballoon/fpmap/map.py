@@ -178,11 +178,10 @@ class FreePageMap:
         its bitmaps (a hostile, checkered one) stays as it is, unless ``force``."""
         if self._free_runs is not None:
             return
-        if not force and 16 * self.count_ranges() > self.allocated_bytes:
+        counts = self._seg_run_counts("free")
+        if not force and 16 * sum(counts) > self.allocated_bytes:
             return
-        free = self.ranges_in(0, self.max_pfn)
-        if free.base is not None and free.base.nbytes > free.nbytes:
-            free = free.copy()                  # not a view of a buffer twice its size
+        free = self._bitmap_runs("free", counts)       # exactly sized: one pass, no regrowth
         cov = self._covered_runs()
         self._free_runs, self._cov_runs = free, cov
         for a in (free, cov):
@@ -223,21 +222,26 @@ class FreePageMap:
         return np.ascontiguousarray(np.column_stack((runs[first, 0],
                                                      ends[last] - runs[first, 0])))
 
-    def _bitmap_runs(self, which: str) -> np.ndarray:
-        parts = []
+    def _seg_run_counts(self, which: str) -> list[int]:
+        return [int(lib.fb_count_runs(g.free_p if which == "free" else g.cov_p, g.nwords, 0,
+                                      g.nwords * 64)) for g in self._segs]
+
+    def _bitmap_runs(self, which: str, counts: list[int] | None = None) -> np.ndarray:
+        """Every run of one bitmap, (n, 2) int64 global pfns, in one exactly sized array."""
+        counts = self._seg_run_counts(which) if counts is None else counts
+        out = np.empty((sum(counts), 2), dtype=np.uint64)
         nxt = ffi.new("uint64_t *")
-        for g in self._segs:
+        k = 0
+        for g, n in zip(self._segs, counts):
+            if not n:
+                continue
             words = g.free_p if which == "free" else g.cov_p
-            n = int(lib.fb_count_runs(words, g.nwords, 0, g.nwords * 64))
-            out = np.empty((n, 2), dtype=np.uint64)
-            if n:
-                with ffi.from_buffer("uint64_t[]", out, require_writable=True) as p:
-                    got = lib.fb_runs(words, g.nwords, 0, g.nwords * 64, p, n, nxt)
-                assert got == n, (got, n)
-            out = out.view(np.int64)
-            out[:, 0] += g.base
-            parts.append(out)
-        return np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
+            with ffi.from_buffer("uint64_t[]", out[k:k + n], require_writable=True) as p:
+                got = lib.fb_runs(words, g.nwords, 0, g.nwords * 64, p, n, nxt)
+            assert got == n, (got, n)
+            out[k:k + n, 0] += np.uint64(g.base)
+            k += n
+        return out.view(np.int64)
 
     def _expand(self) -> None:
         """Back from runs to bitmaps (a write to a compacted map)."""
