@@ -15,7 +15,8 @@ SCRIPTS = sorted(p.name for p in BENCH.glob("bench_*.py"))
 
 
 def test_every_benchmark_is_listed():
-    assert {"bench_inflate.py", "bench_bitmap_round.py", "bench_fpmap.py"} <= set(SCRIPTS)
+    assert {"bench_inflate.py", "bench_bitmap_round.py", "bench_fpmap.py",
+            "bench_idle.py"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
