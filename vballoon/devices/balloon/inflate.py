@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
+from vballoon.virtio._vring import ffi as _ffi, lib as _lib
 from vballoon.virtio.device import ChainBatch
 from vballoon.virtio.memory import GuestMemory
 from vballoon.virtio.virtqueue import Chain, VirtQueue
@@ -52,35 +53,21 @@ class PageSet:
     def update(self, pfns: np.ndarray, value: bool) -> np.ndarray:
         """Add (or remove) valid ``pfns``; returns those whose membership changed, ascending.
 
-        Vectorised over the whole array (no ``ufunc.at``, nothing per page in Python): the
-        pfns are sorted and deduplicated once, each extent takes its slice by bisection, and
-        the bits of one byte are OR-ed together (``reduceat``) before they are written."""
-        pfns = unique_sorted(pfns)
-        changed = []
+        One C pass per extent over the whole array (``vq_bits_update``): nothing per page in
+        Python; duplicates change nothing the second time."""
+        pfns = np.ascontiguousarray(pfns, dtype=np.int64)
+        out = np.empty(pfns.size, dtype=np.int64)
+        if not pfns.size:
+            return out
+        m = 0
+        src = _ffi.from_buffer("int64_t[]", pfns)
         for (lo, hi), bits in zip(self.extents, self._bits):
-            a, b = np.searchsorted(pfns, (lo, hi))
-            if a == b:
-                continue
-            p = pfns[a:b] - lo
-            byte = p >> 3
-            bit = np.left_shift(1, (p & 7).astype(np.uint8), dtype=np.uint8)
-            was = (bits[byte] & bit) != 0
-            keep = was != value
-            if not keep.any():
-                continue
-            if not keep.all():
-                p, byte, bit = p[keep], byte[keep], bit[keep]
-            first = np.flatnonzero(np.concatenate(([True], byte[1:] != byte[:-1])))
-            ubyte = byte[first]
-            acc = np.bitwise_or.reduceat(bit, first)
-            if value:
-                bits[ubyte] |= acc
-            else:
-                bits[ubyte] &= ~acc
-            changed.append(p + lo)
-        if not changed:
-            return np.zeros(0, dtype=np.int64)
-        return changed[0] if len(changed) == 1 else np.concatenate(changed)
+            with _ffi.from_buffer("uint8_t[]", bits, require_writable=True) as b, \
+                    _ffi.from_buffer("int64_t[]", out[m:], require_writable=True) as dst:
+                m += int(_lib.vq_bits_update(b, lo, hi, src, pfns.size, int(bool(value)), dst))
+        changed = out[:m]
+        changed.sort()
+        return changed
 
     def pfns(self) -> np.ndarray:
         """Every pfn in the set, ascending (int64)."""
