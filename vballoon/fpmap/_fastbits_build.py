@@ -21,6 +21,7 @@ int64_t fb_popcount(const uint64_t *map, size_t nwords, uint64_t lo, uint64_t hi
 int64_t fb_runs(const uint64_t *map, size_t nwords, uint64_t lo, uint64_t hi,
                 uint64_t *out, size_t cap, uint64_t *next);
 int64_t fb_count_runs(const uint64_t *map, size_t nwords, uint64_t lo, uint64_t hi);
+int64_t fb_fill_runs(uint64_t *map, size_t nwords, const int64_t *runs, size_t n, int64_t base);
 """
 
 SOURCE = r"""
@@ -252,6 +253,29 @@ HOT int64_t fb_count_runs(const uint64_t *map, size_t nwords, uint64_t lo, uint6
         prev = x;
     }
     return (int64_t)n;
+}
+
+/*
+ * Set the bits of n (start, length) runs (int64 pairs, global bit numbers), each shifted by
+ * -base and clipped to the map: what a compacted map's runs expand back into.  Returns the
+ * number of bits set (runs are disjoint), never touching anything outside the map.
+ */
+int64_t fb_fill_runs(uint64_t *map, size_t nwords, const int64_t *runs, size_t n, int64_t base)
+{
+    if (nwords > (UINT64_MAX >> 7))
+        return -1;
+    int64_t size = (int64_t)nwords * 64, total = 0;
+    for (size_t i = 0; i < n; i++) {
+        int64_t lo = runs[2 * i] - base, len = runs[2 * i + 1];
+        if (len <= 0 || lo >= size || lo + len <= 0)
+            continue;
+        int64_t hi = lo + len > size ? size : lo + len;
+        if (lo < 0)
+            lo = 0;
+        fill(map, (uint64_t)lo, (uint64_t)hi, 1);
+        total += hi - lo;
+    }
+    return total;
 }
 """
 

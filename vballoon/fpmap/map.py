@@ -134,9 +134,15 @@ class FreePageMap:
                 spans[-1][1] = max(spans[-1][1], hi)
             else:
                 spans.append([lo, hi])
+        self._spans = [(lo, hi) for lo, hi in spans]
         self._segs = [_Segment(lo, hi) for lo, hi in spans]
         self._seg_base = [g.base for g in self._segs]
         self._cov_todo: list[tuple[int, int]] = []      # covered intervals not yet written
+        self._cov_flushed = False                       # some coverage is in the bitmaps
+        #: a compacted map (:meth:`compact`): its free and covered runs, (n, 2) int64 of
+        #: (start_pfn, npages), ascending and disjoint; None while it keeps bitmaps
+        self._free_runs: np.ndarray | None = None
+        self._cov_runs: np.ndarray | None = None
         # Holes: the gaps between RAM extents (and the tail of the last word): [lo, hi) pfns.
         edges = [0] + [x for ext in ram for x in ext] + [self.nwords * 64]
         holes = [(edges[i], edges[i + 1]) for i in range(0, len(edges), 2)
@@ -150,8 +156,119 @@ class FreePageMap:
 
     @property
     def allocated_bytes(self) -> int:
-        """Bytes of the two bitmaps (what a round costs)."""
+        """Bytes the map holds: its two bitmaps, or once compacted its runs."""
+        if self._free_runs is not None:
+            return self._free_runs.nbytes + self._cov_runs.nbytes
         return sum(g.free.nbytes + g.covered.nbytes for g in self._segs)
+
+    @property
+    def compacted(self) -> bool:
+        """The map keeps runs, not bitmaps (:meth:`compact`)."""
+        return self._free_runs is not None
+
+    # -- compact form -----------------------------------------------------------------------
+
+    def compact(self, *, force: bool = False) -> None:
+        """Keep the map as its free and covered runs and drop the bitmaps (a round that has
+        ended no longer changes).  Every reading method answers the same from the runs; a
+        write (:meth:`or_bitmap`, :meth:`mark_free_range`) first expands the bitmaps again.
+
+        A typical map (a guest after a workload) has a few hundred thousand free runs: 16
+        bytes each, a small fraction of its bitmap.  A map whose runs would cost more than
+        its bitmaps (a hostile, checkered one) stays as it is, unless ``force``."""
+        if self._free_runs is not None:
+            return
+        counts = self._seg_run_counts("free")
+        if not force and 16 * sum(counts) > self.allocated_bytes:
+            return
+        free = self._bitmap_runs("free", counts)       # exactly sized: one pass, no regrowth
+        cov = self._covered_runs()
+        self._free_runs, self._cov_runs = free, cov
+        for a in (free, cov):
+            a.flags.writeable = False
+        self._free_count = int(free[:, 1].sum()) if len(free) else 0
+        self._cov_count = int(cov[:, 1].sum()) if len(cov) else 0
+        self._segs, self._seg_base = [], []
+
+    def _covered_runs(self) -> np.ndarray:
+        """The covered runs, (n, 2) int64: from the recorded intervals when none was written
+        into the bitmap yet (the usual round: no bitmap pass at all), else from the bitmap."""
+        if self._cov_flushed:
+            self._flush_covered()
+            return self._bitmap_runs("covered")
+        todo = np.array(self._cov_todo, dtype=np.int64).reshape(-1, 2)
+        if not len(todo):
+            return np.zeros((0, 2), dtype=np.int64)
+        order = np.argsort(todo[:, 0], kind="stable")
+        lo, hi = todo[order, 0], todo[order, 1]
+        reach = np.maximum.accumulate(hi)
+        first = np.flatnonzero(np.concatenate(([True], lo[1:] > reach[:-1])))
+        last = np.concatenate((first[1:], [lo.size])) - 1
+        lo, hi = lo[first], reach[last]
+        parts = []
+        for a, b in self.ram:                     # intersect with RAM: holes are never covered
+            x, y = np.maximum(lo, a), np.minimum(hi, b)
+            keep = x < y
+            if keep.any():
+                parts.append(np.column_stack((x[keep], y[keep] - x[keep])))
+        if not parts:
+            return np.zeros((0, 2), dtype=np.int64)
+        runs = np.concatenate(parts)
+        runs = runs[np.argsort(runs[:, 0], kind="stable")]
+        # extents that touch (no hole between them) give adjacent pieces: join them
+        ends = runs[:, 0] + runs[:, 1]
+        first = np.flatnonzero(np.concatenate(([True], runs[1:, 0] > ends[:-1])))
+        last = np.concatenate((first[1:], [len(runs)])) - 1
+        return np.ascontiguousarray(np.column_stack((runs[first, 0],
+                                                     ends[last] - runs[first, 0])))
+
+    def _seg_run_counts(self, which: str) -> list[int]:
+        return [int(lib.fb_count_runs(g.free_p if which == "free" else g.cov_p, g.nwords, 0,
+                                      g.nwords * 64)) for g in self._segs]
+
+    def _bitmap_runs(self, which: str, counts: list[int] | None = None) -> np.ndarray:
+        """Every run of one bitmap, (n, 2) int64 global pfns, in one exactly sized array."""
+        counts = self._seg_run_counts(which) if counts is None else counts
+        out = np.empty((sum(counts), 2), dtype=np.uint64)
+        nxt = ffi.new("uint64_t *")
+        k = 0
+        for g, n in zip(self._segs, counts):
+            if not n:
+                continue
+            words = g.free_p if which == "free" else g.cov_p
+            with ffi.from_buffer("uint64_t[]", out[k:k + n], require_writable=True) as p:
+                got = lib.fb_runs(words, g.nwords, 0, g.nwords * 64, p, n, nxt)
+            assert got == n, (got, n)
+            out[k:k + n, 0] += np.uint64(g.base)
+            k += n
+        return out.view(np.int64)
+
+    def _expand(self) -> None:
+        """Back from runs to bitmaps (a write to a compacted map)."""
+        if self._free_runs is None:
+            return
+        free, cov = self._free_runs, self._cov_runs
+        self._segs = [_Segment(lo, hi) for lo, hi in self._spans]
+        self._seg_base = [g.base for g in self._segs]
+        for g in self._segs:
+            for runs, words in ((free, g.free_p), (cov, g.cov_p)):
+                if len(runs):
+                    with ffi.from_buffer("int64_t[]", runs) as p:
+                        lib.fb_fill_runs(words, g.nwords, p, len(runs), g.base)
+        self._cov_todo, self._cov_flushed = [], True
+        self._free_runs = self._cov_runs = None
+
+    def _clip(self, runs: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """The runs inside ``[lo, hi)``, clipped to it (a new array only if clipped)."""
+        a = int(np.searchsorted(runs[:, 0] + runs[:, 1], lo, side="right"))
+        b = int(np.searchsorted(runs[:, 0], hi, side="left"))
+        part = runs[a:b]
+        if len(part) and (part[0, 0] < lo or part[-1, 0] + part[-1, 1] > hi):
+            part = part.copy()
+            end = part[:, 0] + part[:, 1]
+            part[:, 0] = np.maximum(part[:, 0], lo)
+            part[:, 1] = np.minimum(end, hi) - part[:, 0]
+        return part
 
     def _parts(self, lo: int, hi: int) -> Iterator[tuple[_Segment, int, int]]:
         """The segments ``[lo, hi)`` meets, each with the window's part inside it (global
@@ -179,12 +296,14 @@ class FreePageMap:
             i += 1
 
     def _fill(self, which: str, lo: int, hi: int) -> None:
+        self._expand()
         for g, a, b in self._parts(lo, hi):
             words = g.free_p if which == "free" else g.cov_p
             lib.fb_fill(words, g.nwords, a - g.base, b - g.base, 1)
             self._clear_holes(g, words, a, b)
 
     def _cover(self, lo: int, hi: int) -> None:
+        self._expand()
         todo = self._cov_todo
         if todo and todo[-1][1] == lo:
             todo[-1] = (todo[-1][0], hi)
@@ -194,7 +313,10 @@ class FreePageMap:
                 self._flush_covered()
 
     def _flush_covered(self) -> None:
+        if self._free_runs is not None:
+            return
         todo, self._cov_todo = self._cov_todo, []
+        self._cov_flushed = self._cov_flushed or bool(todo)
         for lo, hi in todo:
             self._fill("covered", lo, hi)
 
@@ -235,6 +357,7 @@ class FreePageMap:
     def or_spans(self, start_pfn: int, srcs: Any, lens: Any, n: int, nbits: int) -> None:
         """The merge itself: ``n`` spans as cffi ``uint8_t *[]`` / ``size_t[]`` arrays; the
         caller checked the window and that the spans hold ``nbits``."""
+        self._expand()
         end = start_pfn + nbits
         parts = list(self._parts(start_pfn, end))
         if len(parts) == 1 and parts[0][1] == start_pfn and parts[0][2] == end:
@@ -273,6 +396,14 @@ class FreePageMap:
     # -- reading --------------------------------------------------------------------------
 
     def _dense(self, which: str) -> np.ndarray:
+        if self._free_runs is not None:
+            runs = self._free_runs if which == "free" else self._cov_runs
+            out = _zeroed(self.nwords)
+            if len(runs):
+                with ffi.from_buffer("uint64_t[]", out, require_writable=True) as w, \
+                        ffi.from_buffer("int64_t[]", runs) as p:
+                    lib.fb_fill_runs(w, self.nwords, p, len(runs), 0)
+            return out
         segs = self._segs
         if len(segs) == 1 and segs[0].lo_word == 0 and segs[0].nwords == self.nwords:
             return getattr(segs[0], which)
@@ -296,11 +427,15 @@ class FreePageMap:
 
     def free_pages(self) -> int:
         """Pages marked free (never in a hole)."""
+        if self._free_runs is not None:
+            return self._free_count
         return sum(int(lib.fb_popcount(g.free_p, g.nwords, 0, g.nwords * 64))
                    for g in self._segs)
 
     def covered_pages(self) -> int:
         """RAM pages some chunk (or hint) of the round said something about."""
+        if self._free_runs is not None:
+            return self._cov_count
         self._flush_covered()
         return sum(int(lib.fb_popcount(g.cov_p, g.nwords, 0, g.nwords * 64))
                    for g in self._segs)
@@ -319,6 +454,11 @@ class FreePageMap:
 
     def _runs(self, lo: int, hi: int, cap: int) -> Iterator[np.ndarray]:
         """The free ranges of ``[lo, hi)`` in ascending batches of at most ``cap``."""
+        if self._free_runs is not None:
+            part = self._clip(self._free_runs, lo, hi)
+            for i in range(0, len(part), cap):
+                yield part[i:i + cap]
+            return
         nxt = ffi.new("uint64_t *")
         for g, a, b in self._parts(lo, hi):
             a, b = a - g.base, b - g.base
@@ -345,6 +485,8 @@ class FreePageMap:
         its size.
         """
         lo, hi = self._window(start_pfn, end_pfn)
+        if self._free_runs is not None:
+            return self._clip(self._free_runs, lo, hi)
         out = np.empty((RANGES_FIRST_CAPACITY, 2), dtype=np.uint64)
         n, nxt = 0, ffi.new("uint64_t *")
         for g, a, b in self._parts(lo, hi):
@@ -366,6 +508,8 @@ class FreePageMap:
     def count_ranges(self, start_pfn: int = 0, end_pfn: int | None = None) -> int:
         """How many free ranges :meth:`ranges_in` would return, without making them."""
         lo, hi = self._window(start_pfn, end_pfn)
+        if self._free_runs is not None:
+            return len(self._clip(self._free_runs, lo, hi))
         return sum(int(lib.fb_count_runs(g.free_p, g.nwords, a - g.base, b - g.base))
                    for g, a, b in self._parts(lo, hi))
 

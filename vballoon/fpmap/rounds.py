@@ -108,6 +108,8 @@ class Round:
         self.state, self.finished_at = state, now
         if state is RoundState.ABORTED:
             self.abort_reason = reason
+        # An ended round's map no longer changes: keep it as runs, not bitmaps.
+        self.map.compact()
         return True
 
 

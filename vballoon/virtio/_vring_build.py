@@ -34,6 +34,8 @@ int64_t vq_walk(const uint8_t *table, uint32_t num, uint32_t head, int indirect_
                 uint64_t *info);
 int64_t vq_discard(uint8_t *base, const uint64_t *off, const uint64_t *len, size_t n,
                    int *err);
+int64_t vq_bits_update(uint8_t *bits, int64_t lo, int64_t hi, const int64_t *pfns, size_t n,
+                       int value, int64_t *changed);
 void vq_mb(void);
 void vq_rmb(void);
 void vq_wmb(void);
@@ -255,6 +257,32 @@ uint64_t vq_guard_faults(uint8_t *base)
         if (guard_lo[i] == (uintptr_t)base)
             return guard_faults[i];
     return 0;
+}
+
+/*
+ * A set of pfns [lo, hi) kept as a bitmap (bit k = byte k/8 bit k%8 = pfn lo + k, the bitmap
+ * holds (hi - lo + 7) / 8 bytes): add (value != 0) or remove each of n pfns; pfns outside
+ * [lo, hi) are skipped.  The pfns whose membership changed are written to changed[] in input
+ * order (a duplicate changes nothing the second time); returns how many.  One pass, no
+ * sorting: the balloon's inflate/deflate bookkeeping without per-page Python.
+ */
+int64_t vq_bits_update(uint8_t *bits, int64_t lo, int64_t hi, const int64_t *pfns, size_t n,
+                       int value, int64_t *changed)
+{
+    int64_t m = 0;
+    for (size_t i = 0; i < n; i++) {
+        int64_t p = pfns[i];
+        if (p < lo || p >= hi)
+            continue;
+        uint64_t q = (uint64_t)(p - lo);
+        uint8_t mask = (uint8_t)(1u << (q & 7));
+        int was = (bits[q >> 3] & mask) != 0;
+        if (was == (value != 0))
+            continue;
+        bits[q >> 3] ^= mask;
+        changed[m++] = p;
+    }
+    return m;
 }
 
 /* Memory barriers (Linux: virt_mb / virt_rmb / virt_wmb); Python has none of its own. */

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
+from vballoon.virtio._vring import ffi as _ffi, lib as _lib
 from vballoon.virtio.device import ChainBatch
 from vballoon.virtio.memory import GuestMemory
 from vballoon.virtio.virtqueue import Chain, VirtQueue
@@ -50,23 +51,23 @@ class PageSet:
         return ok
 
     def update(self, pfns: np.ndarray, value: bool) -> np.ndarray:
-        """Add (or remove) valid ``pfns``; returns those whose membership changed."""
-        pfns = np.unique(pfns.astype(np.int64))
-        changed = []
+        """Add (or remove) valid ``pfns``; returns those whose membership changed, ascending.
+
+        One C pass per extent over the whole array (``vq_bits_update``): nothing per page in
+        Python; duplicates change nothing the second time."""
+        pfns = np.ascontiguousarray(pfns, dtype=np.int64)
+        out = np.empty(pfns.size, dtype=np.int64)
+        if not pfns.size:
+            return out
+        m = 0
+        src = _ffi.from_buffer("int64_t[]", pfns)
         for (lo, hi), bits in zip(self.extents, self._bits):
-            p = pfns[(pfns >= lo) & (pfns < hi)] - lo
-            if not p.size:
-                continue
-            byte, bit = p >> 3, (1 << (p & 7)).astype(np.uint8)
-            was = (bits[byte] & bit) != 0
-            ch = p[was != value]
-            byte, bit = ch >> 3, (1 << (ch & 7)).astype(np.uint8)
-            if value:
-                np.bitwise_or.at(bits, byte, bit)
-            else:
-                np.bitwise_and.at(bits, byte, ~bit)
-            changed.append(ch + lo)
-        return np.concatenate(changed) if changed else np.zeros(0, dtype=np.int64)
+            with _ffi.from_buffer("uint8_t[]", bits, require_writable=True) as b, \
+                    _ffi.from_buffer("int64_t[]", out[m:], require_writable=True) as dst:
+                m += int(_lib.vq_bits_update(b, lo, hi, src, pfns.size, int(bool(value)), dst))
+        changed = out[:m]
+        changed.sort()
+        return changed
 
     def pfns(self) -> np.ndarray:
         """Every pfn in the set, ascending (int64)."""
@@ -110,44 +111,60 @@ class InflateDeflate:
         self.pages.clear()
         self.dev.counters.inflated_pages = 0
 
-    def _pfns(self, vq: VirtQueue, mem: GuestMemory, chain: Chain, role: str) -> np.ndarray:
-        """The valid le32 PFNs of an inflate/deflate buffer (invalid ones logged, dropped)."""
+    def _raw(self, vq: VirtQueue, mem: GuestMemory, chain: Chain, role: str) -> bytes:
+        """The le32 PFN bytes of an inflate/deflate buffer (a wrong one logged, b"")."""
         glog = self.dev.glog
         if chain.writable:
             glog.error(f"{role}-wrong-direction", "queue %d chain %d has device-writable "
                        "buffers; ignored", vq.index, chain.head)
-            return np.zeros(0, dtype=np.int64)
+            return b""
         data = chain.read(mem, limit=MAX_PFN_BUFFER)
         if len(data) % 4:
             glog.error(f"{role}-length", "queue %d chain %d is %d bytes, not a multiple of 4; "
                        "ignored", vq.index, chain.head, len(data))
-            return np.zeros(0, dtype=np.int64)
+            return b""
+        return data
+
+    def _valid(self, data: bytes, role: str) -> np.ndarray:
+        """The PFNs in ``data`` (le32, any number of buffers concatenated) inside guest RAM;
+        the others are logged and dropped."""
         pfns = np.frombuffer(data, dtype="<u4").astype(np.int64)
         ok = self.pages.valid(pfns)
         if not ok.all():
             bad = pfns[~ok]
-            glog.error(f"{role}-pfn-outside-ram", "%d pfn(s) outside guest RAM (first %#x); "
-                       "ignored", bad.size, int(bad[0]))
+            self.dev.glog.error(f"{role}-pfn-outside-ram", "%d pfn(s) outside guest RAM "
+                                "(first %#x); ignored", bad.size, int(bad[0]))
             pfns = pfns[ok]
         return pfns
 
+    def _pfns(self, vq: VirtQueue, mem: GuestMemory, chain: Chain, role: str) -> np.ndarray:
+        """The valid le32 PFNs of an inflate/deflate buffer (invalid ones logged, dropped)."""
+        return self._valid(self._raw(vq, mem, chain, role), role)
+
     def process_inflate(self, vq: VirtQueue, mem: GuestMemory) -> bool:
-        chains, new = [], []
+        """Every available inflate chain of this call (at most the batch): their PFNs are
+        merged into runs across buffer boundaries, discarded (one call per run and region),
+        and only then are the buffers returned -- the device MAY modify an inflated page once
+        it has seen its PFN (§5.5.6.2.1), and under MUST_TELL_HOST the driver does not touch
+        the pages before the buffer is used.  No buffer is held past this call."""
+        chains, raw = [], []
         batch = ChainBatch(vq, mem)
         try:
             for chain in batch:
                 chains.append(chain)
-                new.append(self.pages.update(self._pfns(vq, mem, chain, "inflate"), True))
+                raw.append(self._raw(vq, mem, chain, "inflate"))
         finally:
-            # Even if a later chain broke the queue: the pages already recorded are
-            # discarded and their buffers returned.
-            pfns = np.concatenate(new) if new else np.zeros(0, dtype=np.int64)
-            self.dev.counters.inflated_pages += int(pfns.size)
-            # The device MAY modify an inflated page once it has seen the PFN
-            # (§5.5.6.2.1): discard before the buffers are returned.
-            self.dev.discard(mem, pfn_runs(pfns))
-            for chain in chains:
-                vq.push(chain, 0)
+            # Even if a later chain broke the queue: the pages already read are recorded,
+            # discarded, and their buffers returned.
+            try:
+                pfns = self._valid(b"".join(raw), "inflate") if raw else None
+                if pfns is not None and pfns.size:
+                    new = self.pages.update(pfns, True)   # ascending, not yet in the balloon
+                    self.dev.counters.inflated_pages += int(new.size)
+                    self.dev.discard(mem, sorted_runs(new))
+            finally:
+                for chain in chains:
+                    vq.push(chain, 0)
         return batch.more
 
     def process_deflate(self, vq: VirtQueue, mem: GuestMemory) -> bool:
@@ -167,11 +184,25 @@ class InflateDeflate:
         return batch.more
 
 
-def pfn_runs(pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unique pfns -> (first pfn, count) of maximal contiguous runs, ascending."""
-    p = np.sort(pfns.astype(np.int64))
+def unique_sorted(pfns: np.ndarray) -> np.ndarray:
+    """``pfns`` as int64, sorted, without duplicates (``np.unique`` without its overheads)."""
+    p = np.sort(np.asarray(pfns).astype(np.int64, copy=False))
+    if p.size > 1:
+        dup = p[1:] == p[:-1]
+        if dup.any():
+            p = p[np.concatenate(([True], ~dup))]
+    return p
+
+
+def sorted_runs(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ascending unique pfns -> (first pfn, count) of maximal contiguous runs."""
     if p.size == 0:
         return p, p
     breaks = np.flatnonzero(np.diff(p) != 1) + 1
     first = np.concatenate(([0], breaks))
     return p[first], np.diff(np.concatenate((first, [p.size])))
+
+
+def pfn_runs(pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique pfns -> (first pfn, count) of maximal contiguous runs, ascending."""
+    return sorted_runs(np.sort(np.asarray(pfns).astype(np.int64)))
