@@ -9,6 +9,10 @@ migration and checks every page afterwards, on whichever side it ends up.
   test_migrate_with_hint_map      the engine in-process; both RAM files compared outside the map
                                   while both sides are stopped; the guest's check on the
                                   destination; the balloon re-plugged and answering there
+  test_migrate_with_bitmap_map    the guest boots with guest/linux's virtio_balloon_bitmap.ko
+                                  (lab.driver=bitmap): the map comes from a bitmap round, which the
+                                  guest's driver says it answered; RAM equal outside the map; the
+                                  guest's check on the destination
   test_migrate_cli_without_map    the `vballoon migrate` commands, no map
   test_unfinished_round_is_not_used  a round that did not end: no map, RAM equal everywhere
   test_failure_at_pre_switchover  the source keeps running with its balloon back, the destination
@@ -42,6 +46,9 @@ REPO = HERE.parents[1]
 MiB = 1 << 20
 PAGE = 4096
 WORK_MIB = 64
+BITMAP_DRIVER = "virtio_balloon_bitmap"   # guest/linux, loaded by guest-init.sh with ...
+BITMAP_BOOT = "lab.driver=bitmap"         # ... this on the kernel command line
+BALLOON_DRIVERS = ("virtio_balloon", BITMAP_DRIVER)
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="write tracking needs CAP_SYS_PTRACE (run as root)")
 
 
@@ -93,8 +100,9 @@ def short_dir() -> Path:
 class Pair:
     """A source guest with vballoon, running vbgen, and an incoming destination QEMU."""
 
-    def __init__(self, lab, tmp_path: Path, *, mem_mib: int = 512, dst_mem_mib: int | None = None) -> None:
-        self.lab, self.tmp, self.mem_mib = lab, tmp_path, mem_mib
+    def __init__(self, lab, tmp_path: Path, *, mem_mib: int = 512, dst_mem_mib: int | None = None,
+                 append: str = "") -> None:
+        self.lab, self.tmp, self.mem_mib, self.append = lab, tmp_path, mem_mib, append
         self.dst_mem_mib = dst_mem_mib or mem_mib
         self.dir = short_dir()
         tag = secrets.token_hex(3)
@@ -118,14 +126,16 @@ class Pair:
                                     "-device", "vhost-user-test-device-pci,id=vb0,chardev=vbc,bus=rp0,"
                                     "virtio-id=5,num_vqs=6,config_size=16"],
                          mem_mib=self.mem_mib, mem_path=self.src_ram, qmp=True,
-                         workdir=self.tmp / "src")
+                         append=self.append, workdir=self.tmp / "src")
         (self.tmp / "src").mkdir(exist_ok=True)
         await self.src.start()
         self.dst = Guest(self.lab, [*self.common(self.dst_qmp), "-incoming", "defer", "-S"],
                          mem_mib=self.dst_mem_mib, mem_path=self.dst_ram, qmp=True,
-                         workdir=self.tmp / "dst")
+                         append=self.append, workdir=self.tmp / "dst")
         (self.tmp / "dst").mkdir(exist_ok=True)
         await self.dst.start(wait_ready=False)
+        if BITMAP_BOOT in self.append.split():
+            await require_bitmap_driver(self.src)
         await start_workload(self.src, vbgen, fill_mib=dirty_mib, hot_rate=hot_rate)
 
     async def guest_check(self, g: Guest) -> str:
@@ -195,10 +205,25 @@ async def balloon_bound(g: Guest, timeout: float = 30) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         devs = await g.virtio_devices()
-        if any(d.device == 5 and d.driver == "virtio_balloon" for d in devs):
+        if any(d.device == 5 and d.driver in BALLOON_DRIVERS for d in devs):
             return True
         await asyncio.sleep(0.2)
     return False
+
+
+async def require_bitmap_driver(g: Guest) -> None:
+    """The guest loaded guest/linux's driver, it bound the balloon and acked the bitmap queue
+    (feature bit 16).  A lab without the module fails here: setup.sh builds it."""
+    assert g.insmod_rc == 0, (f"insmod {BITMAP_DRIVER}.ko failed in the guest (rc {g.insmod_rc}); "
+                              "re-run tests/qemu/setup.sh as root")
+    devs = [d for d in await g.virtio_devices() if d.device == 5]
+    assert len(devs) == 1 and devs[0].driver == BITMAP_DRIVER and 16 in devs[0].features, devs
+
+
+async def driver_round(g: Guest) -> dict[str, int]:
+    """The guest driver's own account of its last bitmap round (its module parameters)."""
+    out = await g.check(f"cd /sys/module/{BITMAP_DRIVER}/parameters && grep . last_round_* rounds_*")
+    return {k: int(v) for k, v in (line.split(":", 1) for line in out.split())}
 
 
 async def run_engine(p: Pair, **source_kw) -> tuple:
@@ -245,6 +270,47 @@ async def test_migrate_with_hint_map(lab, vbgen, tmp_path, qemu_report):
         qemu_report.line(f"migrate 512 MiB, hint map: {summary.stream_bytes / MiB:.1f} MiB stream, "
                          f"{compared['free']} free pages skipped, downtime {summary.downtime_ms:.0f} ms, "
                          f"{took:.1f} s; RAM equal outside the map ({n} pages); guest: {out}")
+    finally:
+        await p.close()
+
+
+async def test_migrate_with_bitmap_map(lab, vbgen, tmp_path, qemu_report):
+    """(d): the guest runs guest/linux's driver, so the map comes from a bitmap round, which
+    allocates nothing in the guest (no init_on_alloc rewrite of the reported pages)."""
+    if os.environ.get("VBALLOON_GUEST_INITRD"):
+        pytest.skip("VBALLOON_GUEST_INITRD: a user-provided initrd has no guest driver")
+    p = Pair(lab, tmp_path, append=BITMAP_BOOT)
+    try:
+        await p.start(vbgen)
+        compared = {}
+
+        def on_synced(free: np.ndarray) -> None:
+            compared["result"] = compare_outside_map(p.src_ram, p.dst_ram, free)
+            compared["free"] = int(free.sum())
+
+        t0 = time.monotonic()
+        summary, _ = await run_engine(p, map="bitmap", on_synced=on_synced)
+        took = time.monotonic() - t0
+        print(summary.text())
+        differ, n = compared["result"]
+        assert differ == 0, f"{differ} of {n} pages outside the map differ"
+        assert summary.map_kind == "bitmap", summary.map_kind
+        # the guest's driver answered that very round, with that many free pages
+        mine = await driver_round(p.dst)
+        assert mine["last_round_id"] == summary.map_round["id"], (mine, summary.map_round)
+        assert mine["last_round_free_pages"] == summary.map_round["free-pages"], (mine, summary.map_round)
+        assert mine["rounds_abandoned"] == 0, mine
+        # 200 MiB filled and freed, in a 512 MiB guest: most of the RAM is free
+        assert compared["free"] > 200 * MiB // PAGE, compared["free"]
+        out = await p.guest_check(p.dst)
+        assert re.search(r"errors 0$", out), out
+        assert await balloon_bound(p.dst)
+        assert (await p.src.qmp.execute("query-status"))["status"] == "postmigrate"
+        p0 = summary.passes[0]
+        qemu_report.line(f"migrate 512 MiB, bitmap map: {summary.stream_bytes / MiB:.1f} MiB stream, "
+                         f"{compared['free']} free pages skipped ({p0.zero_skipped} zero in pass 0), "
+                         f"downtime {summary.downtime_ms:.0f} ms, {took:.1f} s; RAM equal outside the "
+                         f"map ({n} pages); guest: {out}")
     finally:
         await p.close()
 
@@ -413,18 +479,20 @@ async def test_figures_qemu_builtin_free_page_hint(lab, vbgen, tmp_path, qemu_re
 @pytest.mark.skipif(not BENCH, reason="figures: set VBALLOON_MIGRATE_BENCH=1 (slow; MIGRATION.md)")
 @pytest.mark.parametrize("map_kind", ["none", "hint", "bitmap", "hint+300ms"])
 async def test_figures_vballoon_migrate(map_kind, lab, vbgen, tmp_path, qemu_report):
-    """(b) no map, (c) a hint-round map, (d) a bitmap-round map (needs the guest driver);
-    (c) again with a 300 ms downtime limit (QEMU's default)."""
-    p = Pair(lab, tmp_path, mem_mib=FIG_MIB)
+    """(b) no map, (c) a hint-round map, (d) a bitmap-round map: that guest boots with
+    guest/linux's virtio_balloon_bitmap.ko (lab.driver=bitmap); (c) again with a 300 ms downtime
+    limit (QEMU's default)."""
+    kind = map_kind.split("+")[0]
+    if kind == "bitmap" and os.environ.get("VBALLOON_GUEST_INITRD"):
+        pytest.skip("VBALLOON_GUEST_INITRD: a user-provided initrd has no guest driver")
+    p = Pair(lab, tmp_path, mem_mib=FIG_MIB, append=BITMAP_BOOT if kind == "bitmap" else "")
     limit = {"downtime_limit": 0.3} if map_kind.endswith("+300ms") else {}
     try:
         await p.start(vbgen, dirty_mib=FIG_FILL_MIB, hot_rate=FIG_HOT_RATE)
-        summary, _ = await run_engine(p, map=map_kind.split("+")[0], max_bandwidth=FIG_BANDWIDTH,
-                                      **limit)
-        if map_kind == "bitmap" and summary.map_kind != "bitmap":
-            qemu_report.line("figures: no bitmap round (the guest driver for the bitmap queue is "
-                             "not loaded in this guest)")
-            pytest.skip("no bitmap-round driver in the guest")
+        summary, _ = await run_engine(p, map=kind, max_bandwidth=FIG_BANDWIDTH, **limit)
+        assert summary.map_kind == (None if kind == "none" else kind), summary.map_kind
+        if kind == "bitmap":
+            assert (await driver_round(p.dst))["last_round_id"] == summary.map_round["id"]
         out = await guest_check(p.dst)
         assert re.search(r"errors 0$", out), out
         _record(qemu_report, {
@@ -432,6 +500,7 @@ async def test_figures_vballoon_migrate(map_kind, lab, vbgen, tmp_path, qemu_rep
             "mib": (summary.stream_bytes + summary.qemu_bytes) / MiB,
             "seconds": summary.total_seconds, "downtime_ms": summary.downtime_ms,
             "qemu_downtime_ms": summary.qemu_downtime_ms, "guest": out,
+            "map": summary.map_kind, "map_round": summary.map_round,
             "downtime_parts": summary.downtime_parts,
             "passes": [(s.name, s.data_pages, s.zero_skipped, s.map_skipped) for s in summary.passes]})
     finally:

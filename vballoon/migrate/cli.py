@@ -27,6 +27,9 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
     m.add_argument("--max-passes", type=int, default=8)
     m.add_argument("--converge-pages", type=int, default=2048,
                    help="source: end the dirty passes below this many written pages")
+    m.add_argument("--quiet-window", type=float, default=250, metavar="MS",
+                   help="source: before the unplug, send a written page only once it was not "
+                        "written for this long (default 250)")
     m.add_argument("--final-pages", type=int, default=256,
                    help="source: converge before the stop until fewer pages than this are written")
     m.add_argument("--downtime-limit", type=float, metavar="MS",
@@ -63,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
                 qmp=args.qmp, dest=args.to, control=args.control, map=args.map,
                 device_id=args.device_id, vhost_socket=args.vhost_socket, max_passes=args.max_passes,
                 converge_pages=args.converge_pages, final_pages=args.final_pages,
+                quiet_window=args.quiet_window / 1000,
                 downtime_limit=None if args.downtime_limit is None else args.downtime_limit / 1000,
                 converge_timeout=args.converge_timeout, max_bandwidth=parse_size(args.max_bandwidth),
                 skip_zero=not args.no_skip_zero, progress=progress)))

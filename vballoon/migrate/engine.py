@@ -216,6 +216,9 @@ class SourceOptions:
     round_timeout: float = 60.0
     max_passes: int = 8
     converge_pages: int = 2048            # stop the dirty passes below this many pages
+    quiet_window: float = 0.25            # s: a dirty pass sends a page only once it was not
+                                          # written for at least this long (the time between
+                                          # two looks; a pass that ends sooner waits)
     final_pages: int = 256                # stop converging before the stop below this many
     downtime_limit: float | None = None   # s: converge until the final pass should fit (QEMU's
                                           # downtime-limit); None: stop when passes stop shrinking
@@ -312,7 +315,7 @@ async def migrate_source(opt: SourceOptions) -> Summary:
             return m
 
         st = PassStats("pass 0")
-        t0 = time.monotonic()
+        t0 = t_look = time.monotonic()
         pending[:] = mask(tracker.collect())
         has_data = data_mask(fd, npages)
         st.map_skipped = int((free & has_data).sum())
@@ -345,8 +348,15 @@ async def migrate_source(opt: SourceOptions) -> Summary:
             return st
 
         async def dirty_passes(label: str, limit: int) -> None:
+            # "Not written since the last look" means "stopped changing" only if the last look
+            # was long enough ago: after a pass that took a millisecond (nothing to send, e.g.
+            # right after a bitmap round, which dirties nothing), almost every page of a hot
+            # working set looks quiet, is sent, and is rewritten at once.
+            nonlocal t_look
             prev = None
             for n in range(1, limit + 1):
+                await asyncio.sleep(max(0.0, t_look + opt.quiet_window - time.monotonic()))
+                t_look = time.monotonic()
                 dirty = tracker.collect()
                 await step(f"{label}{n}", dirty)
                 # stop once small, or once the written set no longer shrinks by a tenth
