@@ -374,7 +374,7 @@ async def test_item1_guest_error_logs_are_rate_limited(server, sock_path, ram, c
         await until(lambda: q.used_idx() == 60 * batch)
         q.reap()
     lines = [r for r in caplog.records if "inflate-pfn-outside-ram" in r.getMessage()]
-    assert 10 <= len(lines) <= 12, len(lines)
+    assert 1 <= len(lines) <= 12, len(lines)      # one line per batch now, at most the burst
     await fe.close()
     guest.close()
 

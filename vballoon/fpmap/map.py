@@ -158,6 +158,7 @@ class FreePageMap:
     def allocated_bytes(self) -> int:
         """Bytes the map holds: its two bitmaps, or once compacted its runs."""
         if self._free_runs is not None:
+            assert self._cov_runs is not None          # compacted: both kept as runs
             return self._free_runs.nbytes + self._cov_runs.nbytes
         return sum(g.free.nbytes + g.covered.nbytes for g in self._segs)
 
@@ -248,6 +249,7 @@ class FreePageMap:
         if self._free_runs is None:
             return
         free, cov = self._free_runs, self._cov_runs
+        assert cov is not None                         # compacted: both kept as runs
         self._segs = [_Segment(lo, hi) for lo, hi in self._spans]
         self._seg_base = [g.base for g in self._segs]
         for g in self._segs:
@@ -398,6 +400,7 @@ class FreePageMap:
     def _dense(self, which: str) -> np.ndarray:
         if self._free_runs is not None:
             runs = self._free_runs if which == "free" else self._cov_runs
+            assert runs is not None                    # compacted: both kept as runs
             out = _zeroed(self.nwords)
             if len(runs):
                 with ffi.from_buffer("uint64_t[]", out, require_writable=True) as w, \
