@@ -99,3 +99,25 @@ def test_a_ranges_export_cannot_be_drawn(tmp_path):
 
     with pytest.raises(ValueError, match="bitmap export"):
         render_png(RangesOnly(), None, str(tmp_path / "x.png"))
+
+
+def test_an_independent_decoder_reads_the_same_picture(tmp_path, small_map):
+    """Pillow (a decoder written elsewhere) reads the file as the one here does."""
+    Image = pytest.importorskip("PIL.Image")
+    inflated = np.zeros(96, dtype=np.uint8)
+    inflated[64] = 0xFF
+    path = tmp_path / "m.png"
+    render_png(small_map, inflated, str(path), width=64, title="ROUND 1")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.mode == "RGB"
+        theirs = np.asarray(im.convert("RGB"))
+    assert (theirs == decode_png(path.read_bytes())).all()
+
+
+def test_the_picture_is_written_whole_and_private(tmp_path, small_map):
+    path = tmp_path / "m.png"
+    path.write_bytes(b"an older file")
+    render_png(small_map, None, str(path), width=64)
+    assert path.stat().st_mode & 0o777 == 0o600         # a map shows the guest's layout
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.png"]   # no temporary left

@@ -507,3 +507,18 @@ async def test_item3_and_item14_across_reconnects_with_a_new_layout(no_fd_leak, 
     ended = [e["data"]["id"] for e in c.events if e["event"] == "FREE_PAGE_ROUND_COMPLETED"]
     assert len(ended) == len(set(ended)) and first in ended
     await c.close()
+
+
+async def test_ctl_map_into_a_missing_directory_is_a_clean_error(daemon, guest, tmp_path):
+    g, model = guest
+    await asyncio.gather(_ctl(daemon, "round", "start", "--wait"), g.answer_bitmap_request(model))
+    rc, out, err = await _ctl(daemon, "map", "--png", str(tmp_path / "missing" / "x.png"))
+    assert rc == 1 and "does not exist" in err and "Traceback" not in err
+
+
+async def test_balloon_above_the_guests_ram_empties_the_balloon(daemon, guest, caplog):
+    caplog.set_level("INFO")
+    rc, out, err = await _ctl(daemon, "balloon", "99T")
+    assert rc == 0, err
+    assert daemon.device.num_pages == 0
+    assert "above the guest's RAM" in caplog.text and "balloon is emptied" in caplog.text

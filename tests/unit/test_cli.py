@@ -131,3 +131,10 @@ def test_package_is_typed_and_licensed():
     root = Path(__file__).parents[2]
     assert (root / "vballoon" / "py.typed").exists()
     assert "MIT License" in (root / "LICENSE").read_text()
+
+
+@pytest.mark.parametrize("width", ["0", "-64", "100", "wide"])
+def test_ctl_map_width_is_checked(tmp_path, width):
+    p = vb("ctl", "--control-socket", str(tmp_path / "none.sock"), "map", "--png",
+           str(tmp_path / "m.png"), "--width", width)
+    assert p.returncode == 2 and "--width" in p.stderr

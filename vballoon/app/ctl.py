@@ -54,6 +54,17 @@ def _size(text: str) -> int:
 CONTROL_ENV = "VBALLOON_CONTROL_SOCKET"
 
 
+def _width(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of pixels") from None
+    if not (64 <= value <= 16384 and value % 64 == 0):
+        raise argparse.ArgumentTypeError(f"{text}: the width is a multiple of 64 from 64 to "
+                                         "16384")
+    return value
+
+
 def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
     """The ``ctl`` subcommand, for ``vballoon.app.cli``'s parser."""
     default = os.environ.get(CONTROL_ENV) or None
@@ -102,7 +113,7 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> arg
     m.add_argument("--png", required=True, metavar="FILE", help="the picture to write")
     m.add_argument("id", nargs="?", type=_round_id, default=None, metavar="ID",
                    help="round id (default: the latest)")
-    m.add_argument("--width", type=int, default=1024, metavar="PIXELS",
+    m.add_argument("--width", type=_width, default=1024, metavar="PIXELS",
                    help="width of the map (a multiple of 64; default 1024)")
 
     cmds.add_parser("commands", help="the commands the daemon accepts")
@@ -179,6 +190,10 @@ def _start_round(c: Client, args: argparse.Namespace, err: TextIO) -> RoundInfo:
 def _map(c: Client, args: argparse.Namespace, out: TextIO) -> Any:
     from vballoon.fpmap.export import read_export
     from vballoon.fpmap.picture import render_png
+    where = os.path.dirname(os.path.abspath(args.png))
+    if not os.path.isdir(where):
+        raise VballoonError("png-dir-missing", f"--png {args.png}: directory {where} does not "
+                            "exist")
     tmp = f".vballoon-ctl-map-{os.getpid()}.bin"
     info = c.export(tmp, "bitmap", args.id)
     try:
@@ -270,6 +285,9 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
         return 1
     except VballoonError as e:
         err.write(f"vballoon ctl: error: {e}\n")
+        return 1
+    except OSError as e:               # writing the picture: a full disk, a read-only dir, ...
+        err.write(f"vballoon ctl: error: {e.filename or ''}: {e.strerror}\n")
         return 1
     except KeyboardInterrupt:
         return 130

@@ -98,6 +98,10 @@ class BalloonService:
         self._require_active()
         if value <= 0:
             raise ConfigError("balloon-value", "Parameter 'value' expects a size")
+        if value > self.ram_bytes():
+            log.info("balloon: %d bytes asked for, above the guest's RAM (%d bytes): the balloon "
+                     "is emptied (a guest cannot grow past its RAM; QEMU's meaning)", value,
+                     self.ram_bytes())
         self.device.set_target(max(0, self.ram_bytes() - value) // PAGE)
 
     def query_balloon(self) -> BalloonInfo:
