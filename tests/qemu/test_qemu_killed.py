@@ -5,25 +5,15 @@ and right after a balloon request, in turn."""
 from __future__ import annotations
 
 import asyncio
-import os
 
 from harness import Guest
 from test_vballoon import socket_path, vhost_balloon_args
+from vbtest import fd_table
 
 from vballoon.app.daemon import Daemon
 
 KILLS = 10
 MiB = 1 << 20
-
-
-def fd_table() -> set[tuple[str, str]]:
-    out = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            out.add((fd, os.readlink(f"/proc/self/fd/{fd}")))
-        except OSError:
-            pass
-    return out
 
 
 async def served_and_released(daemon: Daemon, n: int) -> None:
