@@ -16,8 +16,10 @@ import mmap
 import re
 
 from vballoon.errors import ConfigError
+from vballoon.wire import C
 
-FRAME_SHIFT = 12
+FRAME_SHIFT = C.VIRTIO_BALLOON_PFN_SHIFT         # 12, and so is the bitmap queue's page_shift
+assert FRAME_SHIFT == C.VIRTIO_BALLOON_BITMAP_PAGE_SHIFT
 FRAME = 1 << FRAME_SHIFT
 HOST_PAGE = mmap.PAGESIZE
 

@@ -1,6 +1,6 @@
 """The architecture, checked: which layer may import which.  Arrows run one way, down; a
 module never reads another layer's private names.  (README, "Architecture", draws this.)
-Imports under ``if TYPE_CHECKING:`` are annotations, not dependencies, and are not counted."""
+Imports under ``if TYPE_CHECKING:`` count too: an annotation is a dependency of the reader."""
 from __future__ import annotations
 
 import ast
@@ -48,13 +48,7 @@ def imports() -> list[tuple[str, str, int]]:
         if path.name == "__init__.py":
             mod = mod.removesuffix(".__init__")
             pkg = mod
-        tree = ast.parse(path.read_text(), str(path))
-        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-                       and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
-                       for stmt in block.body for n in ast.walk(stmt)}
-        for node in ast.walk(tree):
-            if id(node) in typing_only:
-                continue            # annotations only: no import at run time
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = pkg.split(".")[:len(pkg.split(".")) - (node.level - 1)]

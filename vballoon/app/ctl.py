@@ -16,9 +16,8 @@ from typing import Any, Sequence, TextIO
 
 from vballoon.control.client import Client, QMPCommandError, QMPConnectionError, RoundInfo
 from vballoon.errors import VballoonError
-from vballoon.units import parse_size
+from vballoon.units import FRAME as PAGE, parse_size
 
-PAGE = 4096
 PROGRESS_PERIOD = 0.25          # seconds between progress lines of `round start --wait`
 
 

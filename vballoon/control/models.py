@@ -16,7 +16,9 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-PAGE_SIZE = 4096        # the unit of every pfn and page count of the control socket
+from vballoon.units import FRAME
+
+PAGE_SIZE = FRAME       # the unit of every pfn and page count of the control socket
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-PAGE = 4096
+from vballoon.units import FRAME as PAGE
+
 CATEGORIES = (                     # name, RGB (ColorBrewer Dark2 + greys), legend label
     ("free", (27, 158, 119), "FREE"),
     ("used", (217, 95, 2), "IN USE"),

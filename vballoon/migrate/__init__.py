@@ -4,7 +4,7 @@
 the stream between the two sides (stream.py, protocol/migration-stream.md).  MIGRATION.md has the
 design, the privileges needed and the figures.
 """
-from .engine import (DestOptions, MigrationError, SourceOptions, Summary, migrate_destination,
+from vballoon.migrate.engine import (DestOptions, MigrationError, SourceOptions, Summary, migrate_destination,
                      migrate_source)
 
 __all__ = ["DestOptions", "MigrationError", "SourceOptions", "Summary", "migrate_destination",

@@ -48,10 +48,10 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
 
 def run(args: argparse.Namespace) -> int:
     from vballoon.units import parse_size
-    from .engine import DestOptions, MigrationError, SourceOptions, migrate_destination, migrate_source
-    from .qemu import QEMUError
-    from .stream import StreamError
-    from .uffd import TrackingError
+    from vballoon.migrate.engine import DestOptions, MigrationError, SourceOptions, migrate_destination, migrate_source
+    from vballoon.migrate.qemu import QEMUError
+    from vballoon.migrate.stream import StreamError
+    from vballoon.migrate.uffd import TrackingError
 
     def progress(line: str) -> None:
         print(f"vballoon migrate: {line}", file=sys.stderr, flush=True)

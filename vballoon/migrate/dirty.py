@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import uffd as U
-from .uffd import TrackingError
+import vballoon.migrate.uffd as U
+from vballoon.migrate.uffd import TrackingError
 
 
 class TrackingLost(TrackingError):

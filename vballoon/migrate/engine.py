@@ -32,12 +32,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import stream as S
-from .dirty import DirtyTracker
-from .qemu import QEMUError, QMP, QMPError, DeviceSpec, plug, unplug
+import vballoon.migrate.stream as S
+from vballoon.migrate.dirty import DirtyTracker
+from vballoon.migrate.qemu import QEMUError, QMP, QMPError, DeviceSpec, plug, unplug
+from vballoon.units import FRAME
 
 log = logging.getLogger(__name__)
-PAGE_SIZE = 4096
+PAGE_SIZE = FRAME          # the map's frame: the unit the engine tracks, copies and skips
 SEEK_DATA, SEEK_HOLE = 3, 4
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]

@@ -11,8 +11,8 @@ any buffer was posted writes nothing into a buffer posted later.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING
 
+from vballoon.devices.balloon.context import BalloonContext
 from vballoon.errors import ConfigError
 from vballoon.fpmap import BitmapRounds, Round, Verdict
 from vballoon.fpmap.rounds import RoundState
@@ -21,14 +21,12 @@ from vballoon.virtio.memory import GuestMemory
 from vballoon.virtio.virtqueue import Chain, VirtQueue
 from vballoon.wire import C
 
-if TYPE_CHECKING:
-    from vballoon.devices.balloon.device import Balloon
 
 MAX_REQUEST_BUFFERS = 8          # request buffers held at once (spec §4.1)
 
 
 class BitmapQueue:
-    def __init__(self, dev: "Balloon") -> None:
+    def __init__(self, dev: BalloonContext) -> None:
         self.dev = dev
         self.rounds: BitmapRounds | None = None         # made when the memory table is known
         self.buffers: deque[tuple[VirtQueue, Chain]] = deque()   # posted request buffers

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
 
+from vballoon.devices.balloon.context import BalloonContext
 from vballoon.devices.balloon.events import ActualChanged
 from vballoon.errors import ConfigError
 from vballoon.wire import BALLOON_CONFIG
 
-if TYPE_CHECKING:
-    from vballoon.devices.balloon.device import Balloon
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +17,7 @@ EXPOSED_KEPT = 8      # values of num_pages / cmd_id the driver may still write 
 
 
 class ConfigSpace:
-    def __init__(self, dev: "Balloon") -> None:
+    def __init__(self, dev: BalloonContext) -> None:
         self.dev = dev
         self.num_pages = 0
         self.actual = 0

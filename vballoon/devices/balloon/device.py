@@ -23,20 +23,21 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
 
 from vballoon.devices.balloon.bitmap import BitmapQueue
 from vballoon.devices.balloon.config import ConfigSpace
-from vballoon.devices.balloon.events import RoundEnded, RoundStarted
+from vballoon.devices.balloon.context import Counters
+from vballoon.devices.balloon.events import RoundEnded, RoundStarted, Stats
 from vballoon.devices.balloon.hint import HintQueue
-from vballoon.devices.balloon.inflate import PAGE, PFN_SHIFT, InflateDeflate, pfn_runs
+from vballoon.devices.balloon.inflate import InflateDeflate, pfn_runs
 from vballoon.devices.balloon.reporting import ReportingQueue, merge_runs
 from vballoon.devices.balloon.rounds import ROUNDS_KEPT, RoundRegistry
-from vballoon.devices.balloon.stats import STAT_NAMES, Stats, StatsQueue
+from vballoon.devices.balloon.stats import STAT_NAMES, StatsQueue
 from vballoon.errors import ConfigError
+from vballoon.units import FRAME as PAGE, FRAME_SHIFT as PFN_SHIFT
 from vballoon.fpmap import BitmapRounds, Round
 from vballoon.virtio.device import Device, GuestLog
 from vballoon.virtio.memory import GuestMemory
@@ -57,15 +58,6 @@ FEATURE_NAMES = {
     "free-page-reporting": C.VIRTIO_BALLOON_F_PAGE_REPORTING,
     "free-page-bitmap": C.VIRTIO_BALLOON_F_FREE_PAGE_BITMAP,
 }
-
-
-@dataclass
-class Counters:
-    inflated_pages: int = 0              # pages in the balloon now (by the device's own count)
-    reported_bytes: int = 0
-    discarded_bytes: int = 0
-    discard_calls: int = 0
-    hinted_bytes: int = 0
 
 
 def queue_roles(features: int) -> list[str]:

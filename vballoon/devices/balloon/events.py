@@ -1,14 +1,19 @@
 """The balloon's typed events, given to the device's one sink (``Balloon.on_change``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
+from vballoon.fpmap.rounds import Round
 from vballoon.virtio.device import DeviceEvent
 
-if TYPE_CHECKING:
-    from vballoon.devices.balloon.stats import Stats
-    from vballoon.fpmap.rounds import Round
+
+@dataclass
+class Stats:
+    """The driver's latest statistics, by QEMU's names (``free-memory``, ...)."""
+
+    values: dict[str, int] = field(default_factory=dict)
+    updated: float | None = None         # wall-clock time of the last update
+    count: int = 0
 
 
 @dataclass(frozen=True)
@@ -22,18 +27,18 @@ class ActualChanged(DeviceEvent):
 class StatsUpdated(DeviceEvent):
     """The driver sent statistics."""
 
-    stats: "Stats"
+    stats: Stats
 
 
 @dataclass(frozen=True)
 class RoundStarted(DeviceEvent):
     """A free-page round was requested (its deadline is new: the daemon re-arms its timer)."""
 
-    round: "Round"
+    round: Round
 
 
 @dataclass(frozen=True)
 class RoundEnded(DeviceEvent):
     """A free-page round ended (done or aborted).  Given exactly once per round."""
 
-    round: "Round"
+    round: Round

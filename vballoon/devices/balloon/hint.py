@@ -7,26 +7,23 @@ arrives (the map is the device's own copy), or after :data:`HINT_ROUND_TIMEOUT`.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from vballoon.devices.balloon.context import BalloonContext
 from vballoon.errors import ConfigError
 from vballoon.fpmap import FreePageMap
 from vballoon.fpmap.rounds import Round, RoundState
 from vballoon.virtio.device import ChainBatch
 from vballoon.virtio.memory import GuestMemory
 from vballoon.virtio.virtqueue import VirtQueue
+from vballoon.units import FRAME as PAGE
 from vballoon.wire import LE32, C
 
-if TYPE_CHECKING:
-    from vballoon.devices.balloon.device import Balloon
 
-PAGE = 1 << C.VIRTIO_BALLOON_PFN_SHIFT
 HINT_CMD_ID_MIN = 0x80000000    # as QEMU: far from STOP (0) and DONE (1)
 HINT_ROUND_TIMEOUT = 30.0       # seconds a hint round may stay open before DONE is forced
 
 
 class HintQueue:
-    def __init__(self, dev: "Balloon") -> None:
+    def __init__(self, dev: BalloonContext) -> None:
         self.dev = dev
         self.current: Round | None = None
         self._next_cmd_id = HINT_CMD_ID_MIN

@@ -10,21 +10,18 @@ the RAM the guest has, not the highest address in its layout.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
 import numpy as np
 
+from vballoon.devices.balloon.context import BalloonContext
 from vballoon.virtio._vring import ffi as _ffi, lib as _lib
 from vballoon.virtio.device import ChainBatch
 from vballoon.virtio.memory import GuestMemory
 from vballoon.virtio.virtqueue import Chain, VirtQueue
-from vballoon.wire import C
+from vballoon.units import FRAME_SHIFT as PFN_SHIFT
 
-if TYPE_CHECKING:
-    from vballoon.devices.balloon.device import Balloon
 
-PFN_SHIFT = C.VIRTIO_BALLOON_PFN_SHIFT
-PAGE = 1 << PFN_SHIFT
 MAX_PFN_BUFFER = 1 << 16     # bytes of one inflate/deflate buffer (16k pfns)
 
 
@@ -98,7 +95,7 @@ class PageSet:
 class InflateDeflate:
     """The inflate and deflate queues' handlers and the set of ballooned pages."""
 
-    def __init__(self, dev: "Balloon") -> None:
+    def __init__(self, dev: BalloonContext) -> None:
         self.dev = dev
         self.pages = PageSet()
 

@@ -3,23 +3,19 @@ call per contiguous range) and the buffers returned.  Not while ``poison_val`` i
 discarded pages read back as zero, not as the poison value."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
+from vballoon.devices.balloon.context import BalloonContext
 from vballoon.virtio.device import ChainBatch
 from vballoon.virtio.memory import GuestMemory
 from vballoon.virtio.virtqueue import VirtQueue
-from vballoon.wire import C
+from vballoon.units import FRAME as PAGE
 
-if TYPE_CHECKING:
-    from vballoon.devices.balloon.device import Balloon
 
-PAGE = 1 << C.VIRTIO_BALLOON_PFN_SHIFT
 
 
 class ReportingQueue:
-    def __init__(self, dev: "Balloon") -> None:
+    def __init__(self, dev: BalloonContext) -> None:
         self.dev = dev
 
     def process(self, vq: VirtQueue, mem: GuestMemory) -> bool:

@@ -6,17 +6,13 @@ it.  Returning the held buffer asks the driver for fresh statistics; the device 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-from vballoon.devices.balloon.events import StatsUpdated
+from vballoon.devices.balloon.context import BalloonContext
+from vballoon.devices.balloon.events import Stats, StatsUpdated
 from vballoon.virtio.device import ChainBatch
 from vballoon.virtio.memory import GuestMemory
 from vballoon.virtio.virtqueue import Chain, VirtQueue
 from vballoon.wire import BALLOON_STAT, C
 
-if TYPE_CHECKING:
-    from vballoon.devices.balloon.device import Balloon
 
 MAX_STATS_BUFFER = 4096          # bytes: 409 entries, far more than the 16 tags defined
 STAT_NAMES = {
@@ -33,17 +29,10 @@ STAT_NAMES = {
 }   # names as QEMU's guest-stats QOM property uses them ("stat-free-memory" minus "stat-")
 
 
-@dataclass
-class Stats:
-    values: dict[str, int] = field(default_factory=dict)
-    updated: float | None = None         # wall-clock time of the last update
-    count: int = 0
-
-
 class StatsQueue:
     """The stats queue's handler, the held buffer, and the periodic request."""
 
-    def __init__(self, dev: "Balloon", interval: float = 0.0) -> None:
+    def __init__(self, dev: BalloonContext, interval: float = 0.0) -> None:
         self.dev = dev
         self.interval = interval         # seconds between requests (0: never)
         self.stats = Stats()
