@@ -2,9 +2,10 @@
 no other directory's conftest.py can shadow it)."""
 from __future__ import annotations
 
+import asyncio
 import os
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from vballoon.app.daemon import Daemon
 from vballoon.sim import Frontend, GuestRam
@@ -12,6 +13,16 @@ from vballoon.sim.guest import BalloonGuest
 from vballoon.sim.scanner import BuddyModel
 
 MiB, GiB = 1 << 20, 1 << 30
+
+
+async def until(cond: Callable[[], object], timeout: float = 5.0) -> None:
+    """Wait for ``cond()`` by yielding to the loop; no sleeps for synchronisation."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(0)
 
 
 def open_fds() -> set[str]:

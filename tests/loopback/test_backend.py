@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from vbtest import open_fds
+from vbtest import open_fds, until
 from vballoon.devices.balloon.device import Balloon
 from vballoon.errors import ConfigError
 from vballoon.sim import Frontend, GuestRam
@@ -22,15 +22,6 @@ from vballoon.wire import C, HEADER, VRING_STATE
 
 V1 = C.VHOST_USER_VERSION
 
-
-async def until(cond, timeout=5.0):
-    """Wait for ``cond()`` by yielding to the loop; no sleeps for synchronisation."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0)
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """The balloon device end to end: the loopback guest driver, the daemon, real memfd reclaim."""
 from __future__ import annotations
 
-import asyncio
 
 import pytest
+from vbtest import until
 
 from vballoon.devices.balloon import ActualChanged, RoundEnded
 from vballoon.devices.balloon.device import Balloon, merge_runs, pfn_runs
@@ -94,21 +94,16 @@ async def test_target_beyond_guest_ram_is_refused(rig):
 
 async def test_stats_arrive_and_are_refreshed_on_request(rig):
     device, guest, _ = await rig()
-    await asyncio.wait_for(_until(lambda: device.stats.count == 1), 5)
+    await until(lambda: device.stats.count == 1)
     assert device.stats.values["free-memory"] == guest.stats_values[C.VIRTIO_BALLOON_S_MEMFREE]
     guest.stats_values[C.VIRTIO_BALLOON_S_MEMFREE] = 12345
     guest.stats_values[200] = 7                       # a tag the device does not know
     assert device.request_stats()
     await guest.answer_stats_request()
-    await asyncio.wait_for(_until(lambda: device.stats.count == 2), 5)
+    await until(lambda: device.stats.count == 2)
     assert device.stats.values["free-memory"] == 12345
     assert 200 not in device.stats.values and len(device.stats.values) == 2
     assert device.stats.updated is not None
-
-
-async def _until(cond):
-    while not cond():
-        await asyncio.sleep(0)
 
 
 async def test_free_page_hint_round_records_hints_and_discards_nothing(rig):
@@ -235,7 +230,7 @@ async def test_reporting_buffer_in_the_wrong_direction_discards_nothing(rig, cap
 
 async def test_stats_with_a_truncated_entry(rig, caplog):
     device, guest, ram = await rig()
-    await asyncio.wait_for(_until(lambda: device.stats.count == 1), 5)
+    await until(lambda: device.stats.count == 1)
     device.request_stats()
     await guest.queues["stats"].wait_used(1)
     data = BALLOON_STAT.pack(C.VIRTIO_BALLOON_S_MEMFREE, 99) + b"\x05\x00\x01"
@@ -243,7 +238,7 @@ async def test_stats_with_a_truncated_entry(rig, caplog):
     ram.at(buf, len(data))[:] = data
     guest.queues["stats"].add([(buf, len(data), False)])
     guest.queues["stats"].kick()
-    await asyncio.wait_for(_until(lambda: device.stats.count == 2), 5)
+    await until(lambda: device.stats.count == 2)
     assert "stats-truncated" in caplog.text
     assert device.stats.values == {"free-memory": 99}
 

@@ -20,21 +20,13 @@ from vballoon.sim.guest import BalloonGuest
 from vballoon.vhost.transport import Server
 from vballoon.virtio.device import Device
 from vballoon.wire import C, HEADER, MEM_REGION, MEMORY, U64
-from vbtest import fd_table as open_fds
+from vbtest import fd_table as open_fds, until
 
 V1 = C.VHOST_USER_VERSION
 NEED = V1 | C.VHOST_USER_NEED_REPLY_MASK
 
 
 
-
-async def until(cond, timeout=5.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0)
 
 
 async def raw_ack(sock, request, payload=b"", fds=()):
